@@ -1,0 +1,193 @@
+"""Job execution: the same code behind the in-process runner and the push worker.
+
+One run claims the job (a lease), calls Vertex with retries across regions,
+renews the lease while the call lasts, and records the outcome. It answers
+`DONE` when nothing remains to do (succeeded, failed for good, already finished
+elsewhere) and `RETRY` when a later run should try again (transient failures
+with deliveries left, or another execution holding a live lease).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from dispatcher.jobs import Job, JobError
+from dispatcher.lifecycle import ClaimOutcome, JobManager, Progress
+from dispatcher.regions import pinned_region
+from dispatcher.settings import ModelConfig
+from dispatcher.vertex import VertexClient
+
+log = logging.getLogger(__name__)
+
+
+class RunResult(enum.Enum):
+    """What the caller of `run` should do with the delivery."""
+
+    DONE = "done"  # acknowledge
+    RETRY = "retry"  # run again later (nack / requeue)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunOutcome:
+    """The result of one run."""
+
+    result: RunResult
+    retry_after_s: float = 0.0
+    job: Job | None = None
+
+
+class JobExecutor:
+    """Runs jobs to their end, idempotently."""
+
+    def __init__(
+        self,
+        manager: JobManager,
+        vertex: VertexClient,
+        models: Mapping[str, ModelConfig],
+        *,
+        max_deliveries: int,
+        requeue_delay_s: float,
+    ) -> None:
+        self._manager = manager
+        self._vertex = vertex
+        self._models = models
+        self._max_deliveries = max_deliveries
+        self._requeue_delay_s = requeue_delay_s
+
+    async def run(self, job_id: str, *, delivery_attempt: int | None = None) -> RunOutcome:
+        """Execute one job once.
+
+        Args:
+            job_id: The job.
+            delivery_attempt: Pub/Sub's count of deliveries, when it sends one.
+
+        Raises:
+            StoreUnavailable: the record could not be read or written; retry later.
+        """
+        claim = await self._manager.claim(job_id)
+        if claim.outcome is ClaimOutcome.MISSING:
+            log.warning("job not found; dropping the delivery", extra={"job_id": job_id})
+            return RunOutcome(result=RunResult.DONE)
+        if claim.outcome is ClaimOutcome.FINISHED:
+            log.info("job already finished; not calling Vertex", extra={"job_id": job_id})
+            return RunOutcome(result=RunResult.DONE, job=claim.job)
+        job = claim.job
+        assert job is not None and claim.lease_token is not None
+        if claim.outcome is ClaimOutcome.BUSY:
+            lease_left = (job.lease_until or _now()) - _now()
+            return RunOutcome(
+                result=RunResult.RETRY, retry_after_s=max(1.0, lease_left.total_seconds()), job=job
+            )
+        return await self._execute(job, claim.lease_token, delivery_attempt)
+
+    async def _execute(self, job: Job, token: str, delivery_attempt: int | None) -> RunOutcome:
+        model = self._models.get(job.model)
+        if model is None:
+            error = JobError(
+                code=400,
+                status="FAILED_PRECONDITION",
+                message=f"model {job.model!r} is no longer configured in MODEL_CONFIG",
+            )
+            finished = await self._manager.fail(job.job_id, token, error=error, progress=Progress())
+            return RunOutcome(result=RunResult.DONE, job=finished)
+        pinned = pinned_region(job.request)
+        regions = (pinned,) if pinned else model.regions
+        tried: list[str] = []
+        try:
+            async with self._lease_kept(job.job_id, token):
+                report = await self._vertex.generate(
+                    model=job.model,
+                    request=job.request,
+                    regions=regions,
+                    preferred=pinned or job.region,
+                    tried=tried,
+                )
+        except asyncio.CancelledError:
+            # Shutting down: hand the job back at once so another run takes it.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(
+                    self._manager.release(
+                        job.job_id,
+                        token,
+                        progress=Progress(calls=len(tried), regions=tuple(tried)),
+                        retry_in_s=0.0,
+                        error=_interrupted(),
+                    )
+                )
+            raise
+        if report.response is not None:
+            progress = Progress(
+                calls=report.calls, regions=report.regions, served_by=report.regions[-1]
+            )
+            finished = await self._manager.succeed(
+                job.job_id, token, result=report.response, progress=progress
+            )
+            log.info(
+                "job succeeded",
+                extra={"job_id": job.job_id, "region": report.regions[-1], "calls": report.calls},
+            )
+            return RunOutcome(result=RunResult.DONE, job=finished)
+        assert report.error is not None
+        progress = Progress(calls=report.calls, regions=report.regions)
+        error = report.error.error
+        deliveries = max(job.deliveries, delivery_attempt or 0)
+        if not report.error.transient or deliveries >= self._max_deliveries:
+            finished = await self._manager.fail(job.job_id, token, error=error, progress=progress)
+            log.warning(
+                "job failed",
+                extra={
+                    "job_id": job.job_id,
+                    "code": error.code,
+                    "status": error.status,
+                    "error_message": error.message,
+                    "deliveries": deliveries,
+                },
+            )
+            return RunOutcome(result=RunResult.DONE, job=finished)
+        released = await self._manager.release(
+            job.job_id, token, progress=progress, retry_in_s=self._requeue_delay_s, error=error
+        )
+        log.info(
+            "transient failure; job will be retried",
+            extra={"job_id": job.job_id, "code": error.code, "deliveries": deliveries},
+        )
+        return RunOutcome(
+            result=RunResult.RETRY, retry_after_s=self._requeue_delay_s, job=released
+        )
+
+    @contextlib.asynccontextmanager
+    async def _lease_kept(self, job_id: str, token: str) -> AsyncIterator[None]:
+        """Renew the lease every third of its length while the body runs."""
+        interval = self._manager.rules.lease_s / 3
+
+        async def renew_forever() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    if not await self._manager.renew(job_id, token):
+                        log.warning("lease lost while running", extra={"job_id": job_id})
+                        return
+                except Exception:
+                    log.exception("lease renewal failed", extra={"job_id": job_id})
+
+        renewer = asyncio.create_task(renew_forever())
+        try:
+            yield
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+
+
+def _interrupted() -> JobError:
+    return JobError(code=503, status="UNAVAILABLE", message="execution interrupted by shutdown")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,111 @@
+"""HTTP helpers both services share: the error shape, bounded body reading, serving."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from dispatcher import logs
+from dispatcher.errors import ConfigError, InvalidRequest
+from dispatcher.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STATUS_NAMES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    409: "ALREADY_EXISTS",
+    411: "LENGTH_REQUIRED",
+    413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+}
+
+
+class BodyTooLarge(InvalidRequest):
+    """The body is larger than allowed."""
+
+
+def json_response(
+    body: Any, status: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
+    """A compact JSON response."""
+    return Response(
+        json.dumps(body, separators=(",", ":"), ensure_ascii=False),
+        status_code=status,
+        headers=dict(headers or {}),
+        media_type="application/json",
+    )
+
+
+def error_response(
+    status: int, message: str, headers: Mapping[str, str] | None = None
+) -> Response:
+    """The documented error shape: `{"error": {"code", "status", "message"}}`."""
+    body = {"error": {"code": status, "status": STATUS_NAMES.get(status, "UNKNOWN"), "message": message}}
+    return json_response(body, status, headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused as soon as it passes `limit` bytes.
+
+    Raises:
+        BodyTooLarge: the declared or actual size is over the limit.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"body of {declared} bytes is over the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    """A bug answered in the documented shape, with the traceback in the log only."""
+    log.error("unhandled error", exc_info=exc, extra={"path": request.url.path[:200]})
+    return error_response(500, "internal error; the details are in the service log")
+
+
+def load_settings(env: Mapping[str, str], *, service: str) -> Settings:
+    """Parse settings for a service's entry point; exit with one clear line on error."""
+    try:
+        return Settings.from_env(env)
+    except ConfigError as exc:
+        print(f"{service}: configuration error: {exc}", file=sys.stderr)  # noqa: T201
+        raise SystemExit(2) from None
+
+
+def serve(app: Any, settings: Settings) -> None:
+    """Serve an ASGI app with uvicorn, JSON logs, and Cloud Run's shutdown grace.
+
+    Cloud Run sends SIGTERM and kills the instance 10 s later; uvicorn stops
+    accepting at once and gives in-flight requests 8 s before cancelling them.
+    """
+    import uvicorn
+
+    logs.configure(settings.log_level)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=8,
+        lifespan="on",
+    )

@@ -1,0 +1,151 @@
+"""The job model: one generateContent call made durable, and its states."""
+
+from __future__ import annotations
+
+import enum
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+JsonObject = dict[str, Any]
+
+# 16 random bytes, URL-safe base64 without padding: 128 bits, 22 characters.
+_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{22}$")
+
+
+class JobStatus(enum.StrEnum):
+    """Where a job is in its life."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once the job can no longer change."""
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class JobError:
+    """Why a job failed: Vertex's own code, status and message where Vertex said no."""
+
+    code: int
+    status: str
+    message: str
+
+    def to_doc(self) -> JsonObject:
+        """The error as stored and as shown to clients."""
+        return {"code": self.code, "status": self.status, "message": self.message}
+
+    @classmethod
+    def from_doc(cls, doc: JsonObject) -> JobError:
+        """Rebuild an error from `to_doc()` output."""
+        return cls(code=int(doc["code"]), status=str(doc["status"]), message=str(doc["message"]))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Job:
+    """A durable generateContent call.
+
+    Attributes:
+        region: The region assigned at submission, then the region that served it.
+        attempts: Vertex calls made for this job, over all deliveries.
+        deliveries: Executions started (Pub/Sub deliveries or in-process runs).
+        regions_tried: Every region called, in order.
+        lease_owner: Token of the execution holding the job while it is running.
+        lease_until: When that lease lapses unless renewed.
+        sweep_at: When the recovery sweep must look at the job if nothing else has
+            moved it on (a lost publish, a dead executor); None once terminal.
+        expire_at: When the record may be deleted (Firestore TTL; memory eviction).
+    """
+
+    job_id: str
+    model: str
+    region: str
+    request: JsonObject
+    status: JobStatus = JobStatus.PENDING
+    created_at: datetime
+    updated_at: datetime
+    expire_at: datetime
+    attempts: int = 0
+    deliveries: int = 0
+    regions_tried: tuple[str, ...] = ()
+    result: JsonObject | None = None
+    error: JobError | None = None
+    lease_owner: str | None = None
+    lease_until: datetime | None = None
+    sweep_at: datetime | None = None
+    session_id: str | None = None
+
+    def to_doc(self) -> JsonObject:
+        """The job as a plain mapping for a store; `request`/`result` stay JSON objects."""
+        return {
+            "job_id": self.job_id,
+            "model": self.model,
+            "region": self.region,
+            "request": self.request,
+            "status": self.status.value,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "expire_at": self.expire_at,
+            "attempts": self.attempts,
+            "deliveries": self.deliveries,
+            "regions_tried": list(self.regions_tried),
+            "result": self.result,
+            "error": self.error.to_doc() if self.error else None,
+            "lease_owner": self.lease_owner,
+            "lease_until": self.lease_until,
+            "sweep_at": self.sweep_at,
+            "session_id": self.session_id,
+        }
+
+    @classmethod
+    def from_doc(cls, doc: JsonObject) -> Job:
+        """Rebuild a job from `to_doc()` output (as read back from a store)."""
+        error = doc.get("error")
+        return cls(
+            job_id=str(doc["job_id"]),
+            model=str(doc["model"]),
+            region=str(doc["region"]),
+            request=dict(doc["request"]),
+            status=JobStatus(doc["status"]),
+            created_at=as_utc(doc["created_at"]),
+            updated_at=as_utc(doc["updated_at"]),
+            expire_at=as_utc(doc["expire_at"]),
+            attempts=int(doc.get("attempts", 0)),
+            deliveries=int(doc.get("deliveries", 0)),
+            regions_tried=tuple(doc.get("regions_tried") or ()),
+            result=dict(doc["result"]) if doc.get("result") is not None else None,
+            error=JobError.from_doc(error) if error else None,
+            lease_owner=doc.get("lease_owner"),
+            lease_until=as_utc(doc["lease_until"]) if doc.get("lease_until") else None,
+            sweep_at=as_utc(doc["sweep_at"]) if doc.get("sweep_at") else None,
+            session_id=doc.get("session_id"),
+        )
+
+
+def new_job_id() -> str:
+    """A random, unguessable job id (128 bits)."""
+    return secrets.token_urlsafe(16)
+
+
+def is_job_id(text: str) -> bool:
+    """Whether `text` has the shape of a job id (checked before any store lookup)."""
+    return bool(_JOB_ID.match(text))
+
+
+def as_utc(moment: datetime) -> datetime:
+    """The same instant as an aware UTC datetime (stores may hand back naive or other zones)."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+def rfc3339(moment: datetime) -> str:
+    """RFC 3339 UTC with a `Z` suffix and millisecond precision."""
+    return as_utc(moment).isoformat(timespec="milliseconds").replace("+00:00", "Z")

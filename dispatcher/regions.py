@@ -1,0 +1,249 @@
+"""Region choice and health.
+
+`RoundRobin` assigns regions at submission. `RegionPool` decides, per call, where
+a job really runs: each region has a circuit breaker (closed → open for a
+cooldown that doubles while it keeps failing → half-open, one probe → closed on
+success) and an adaptive concurrency limit (additive increase on success,
+multiplicative decrease on 429, once per round of calls, as TCP does). A call
+waits for a slot in a healthy region, bounded, instead of bouncing off a full one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import itertools
+import random
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class RoundRobin:
+    """Regions in turn, from a random offset (so instances do not march in step)."""
+
+    def __init__(self, regions: Sequence[str], *, rng: random.Random | None = None) -> None:
+        offset = (rng or random.SystemRandom()).randrange(len(regions))
+        self._cycle: Iterator[str] = itertools.cycle([*regions[offset:], *regions[:offset]])
+
+    def assign_region(self) -> str:
+        """The next region in turn."""
+        return next(self._cycle)
+
+
+def session_region(regions: Sequence[str], session_id: str) -> str:
+    """A stable region for a session id, the same on every instance."""
+    digest = hashlib.sha256(session_id.encode()).digest()
+    return regions[int.from_bytes(digest[:8], "big") % len(regions)]
+
+
+class Breaker(enum.StrEnum):
+    """A region's circuit-breaker state."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class Outcome(enum.Enum):
+    """How a call to a region ended, as far as the region's health is concerned."""
+
+    SUCCESS = "success"
+    OVERLOADED = "overloaded"  # 429: the region is full right now
+    FAILED = "failed"  # 5xx, timeout, connection error: the region is unwell
+    NEUTRAL = "neutral"  # the caller's fault (4xx): says nothing about the region
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PoolConfig:
+    """Tuning of region health and concurrency (see the README's settings table)."""
+
+    cooldown_initial_s: float = 2.0
+    cooldown_max_s: float = 60.0
+    overloads_to_open: int = 3
+    concurrency_initial: int = 16
+    concurrency_min: int = 1
+    concurrency_max: int = 256
+    decrease_factor: float = 0.7
+    wait_max_s: float = 30.0
+
+
+@dataclass(kw_only=True, slots=True)
+class RegionState:
+    """Live state of one region in this process."""
+
+    name: str
+    limit: float
+    in_flight: int = 0
+    breaker: Breaker = Breaker.CLOSED
+    failures: int = 0
+    cooldown_s: float = 0.0
+    open_until: float = 0.0
+    probing: bool = False
+    slow_start: bool = True
+    epoch: int = 0  # bumped at each decrease; calls from an older epoch do not decrease again
+    calls_by_outcome: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Slot:
+    """Permission to make one call to `region`; give it back with `RegionPool.release`."""
+
+    region: str
+    epoch: int
+    probe: bool
+
+
+class RegionPool:
+    """Health and concurrency of every region, shared by all calls in the process."""
+
+    def __init__(self, config: PoolConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._config = config
+        self._clock = clock
+        self._regions: dict[str, RegionState] = {}
+        self._changed = asyncio.Condition()
+
+    def state(self, region: str) -> RegionState:
+        """The live state of a region (created on first use)."""
+        state = self._regions.get(region)
+        if state is None:
+            state = RegionState(name=region, limit=float(self._config.concurrency_initial))
+            self._regions[region] = state
+        return state
+
+    def snapshot(self) -> dict[str, RegionState]:
+        """Every region seen so far, by name."""
+        return dict(self._regions)
+
+    async def acquire(
+        self, candidates: Sequence[str], *, avoid: Sequence[str] = (), deadline_s: float | None = None
+    ) -> Slot:
+        """A slot in the first usable region of `candidates`, waiting for one if need be.
+
+        Regions in `avoid` (those that just failed this job) are used only when no
+        other is usable. When none is usable within the wait bound, the region
+        whose cooldown ends first is called anyway, as a probe.
+
+        Args:
+            candidates: Regions in order of preference.
+            avoid: Regions to pass over while another is usable.
+            deadline_s: How long to wait at most (default: the configured bound).
+        """
+        wait_s = self._config.wait_max_s if deadline_s is None else deadline_s
+        give_up_at = self._clock() + wait_s
+        async with self._changed:
+            while True:
+                slot = self._try_take(candidates, avoid)
+                if slot is not None:
+                    return slot
+                remaining = give_up_at - self._clock()
+                if remaining <= 0:
+                    return self._force(candidates)
+                # Woken by a released slot or a health change; the timeout also
+                # covers a cooldown that simply runs out.
+                wake_in = min(remaining, self._next_reopen(candidates) or remaining)
+                try:
+                    await asyncio.wait_for(self._changed.wait(), timeout=max(wake_in, 0.001))
+                except TimeoutError:
+                    pass
+
+    async def release(self, slot: Slot, outcome: Outcome) -> None:
+        """Give a slot back and learn from how the call ended."""
+        state = self.state(slot.region)
+        state.in_flight = max(0, state.in_flight - 1)
+        state.calls_by_outcome[outcome.value] = state.calls_by_outcome.get(outcome.value, 0) + 1
+        if slot.probe:
+            state.probing = False
+        config = self._config
+        if outcome is Outcome.SUCCESS:
+            state.breaker = Breaker.CLOSED
+            state.failures = 0
+            state.cooldown_s = 0.0
+            step = 1.0 if state.slow_start else 1.0 / max(state.limit, 1.0)
+            state.limit = min(float(config.concurrency_max), state.limit + step)
+        elif outcome is Outcome.OVERLOADED:
+            state.failures += 1
+            if slot.epoch == state.epoch:
+                state.slow_start = False
+                state.epoch += 1
+                state.limit = max(float(config.concurrency_min), state.limit * config.decrease_factor)
+            if slot.probe or state.failures >= config.overloads_to_open:
+                self._open(state)
+        elif outcome is Outcome.FAILED:
+            state.failures += 1
+            self._open(state)
+        async with self._changed:
+            # A plain release frees one slot: wake one waiter, not the whole herd.
+            if outcome in (Outcome.SUCCESS, Outcome.NEUTRAL):
+                self._changed.notify(1)
+            else:
+                self._changed.notify_all()
+
+    def _open(self, state: RegionState) -> None:
+        config = self._config
+        state.cooldown_s = (
+            config.cooldown_initial_s
+            if state.cooldown_s == 0
+            else min(config.cooldown_max_s, state.cooldown_s * 2)
+        )
+        state.breaker = Breaker.OPEN
+        state.open_until = self._clock() + state.cooldown_s
+
+    def _usable(self, state: RegionState) -> bool:
+        if state.breaker is Breaker.OPEN and self._clock() >= state.open_until:
+            state.breaker = Breaker.HALF_OPEN
+        if state.breaker is Breaker.OPEN:
+            return False
+        if state.breaker is Breaker.HALF_OPEN:
+            return not state.probing
+        return state.in_flight < int(state.limit)
+
+    def _try_take(self, candidates: Sequence[str], avoid: Sequence[str]) -> Slot | None:
+        preferred = [r for r in candidates if r not in avoid]
+        for group in (preferred, [r for r in candidates if r in avoid]):
+            for region in group:
+                state = self.state(region)
+                if self._usable(state):
+                    return self._take(state)
+        return None
+
+    def _force(self, candidates: Sequence[str]) -> Slot:
+        states = [self.state(r) for r in candidates]
+        state = min(states, key=lambda s: (s.open_until, s.in_flight))
+        return self._take(state)
+
+    def _take(self, state: RegionState) -> Slot:
+        probe = state.breaker is not Breaker.CLOSED
+        if probe:
+            state.probing = True
+        state.in_flight += 1
+        return Slot(region=state.name, epoch=state.epoch, probe=probe)
+
+    def _next_reopen(self, candidates: Sequence[str]) -> float | None:
+        now = self._clock()
+        waits = [
+            self.state(r).open_until - now
+            for r in candidates
+            if self.state(r).breaker is Breaker.OPEN
+        ]
+        return min(waits) if waits else None
+
+
+_CACHED_CONTENT = re.compile(r"^projects/[^/]+/locations/([^/]+)/cachedContents/[^/]+$")
+
+
+def pinned_region(request: Mapping[str, Any]) -> str | None:
+    """The region a request must run in, if it names a context cache.
+
+    A cache (`projects/P/locations/R/cachedContents/ID`) exists only in region R
+    (https://cloud.google.com/vertex-ai/generative-ai/docs/context-cache/context-cache-overview),
+    so such a request may run nowhere else.
+    """
+    cached = request.get("cachedContent")
+    if not isinstance(cached, str):
+        return None
+    match = _CACHED_CONTENT.match(cached)
+    return match.group(1) if match else None

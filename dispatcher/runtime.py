@@ -1,0 +1,181 @@
+"""Builds the parts a service runs on from its settings, and closes them.
+
+One HTTP client and one Firestore client per process, created at start-up and
+closed at shutdown; the mode decides which store and queue are used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+from httpx_aiohttp import AiohttpTransport
+
+from dispatcher.cache import FinishedJobCache
+from dispatcher.executor import JobExecutor
+from dispatcher.lifecycle import JobManager, Lifecycle
+from dispatcher.memory_store import MemoryJobStore
+from dispatcher.queue import InProcessQueue, JobQueue
+from dispatcher.regions import PoolConfig, RegionPool, RoundRobin
+from dispatcher.settings import Mode, Settings
+from dispatcher.store import JobStore
+from dispatcher.sweeper import Sweeper
+from dispatcher.vertex import Credentials, RetryPolicy, VertexClient
+
+# Pub/Sub push requests time out at the ack deadline; retries must end well before.
+ACK_DEADLINE_SHARE = 0.8
+
+
+@dataclass(kw_only=True, slots=True)
+class Runtime:
+    """The live parts of one service process."""
+
+    settings: Settings
+    manager: JobManager
+    executor: JobExecutor | None
+    queue: JobQueue | None
+    sweeper: Sweeper | None
+    pool: RegionPool
+    cache: FinishedJobCache
+    round_robin: dict[str, RoundRobin]
+
+
+def build_store(settings: Settings) -> JobStore:
+    """The store the mode asks for."""
+    if settings.mode is Mode.MEMORY:
+        return MemoryJobStore(max_jobs=settings.memory_max_jobs)
+    from dispatcher.firestore_store import FirestoreJobStore
+
+    assert settings.firestore_collection is not None and settings.firestore_database is not None
+    return FirestoreJobStore.connect(
+        project=settings.project,
+        database=settings.firestore_database,
+        collection=settings.firestore_collection,
+    )
+
+
+def build_http_client(settings: Settings) -> httpx.AsyncClient:
+    """The process's HTTP client for Vertex, on the aiohttp transport.
+
+    httpx's own pool costs ~8 ms CPU a request once requests queue for its
+    connections; the aiohttp transport ~0.3 ms (shared/REFERENCE.md, measured here).
+    """
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+    return httpx.AsyncClient(
+        transport=AiohttpTransport(limits=limits, trust_env=False),
+        timeout=httpx.Timeout(settings.vertex_timeout_s, connect=10.0),
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(settings: Settings, *, executes: bool) -> AsyncIterator[Runtime]:
+    """Create the parts, start the background work, and close it all on exit.
+
+    Args:
+        settings: The parsed settings.
+        executes: Whether this process calls Vertex (the worker; the ingress in
+            modes 1 and 2).
+    """
+    store = build_store(settings)
+    manager = JobManager(
+        store,
+        Lifecycle(
+            lease_s=settings.lease_s,
+            job_ttl_s=settings.job_ttl_s,
+            publish_grace_s=settings.publish_grace_s,
+        ),
+    )
+    pool = RegionPool(
+        PoolConfig(
+            cooldown_initial_s=settings.region_cooldown_initial_s,
+            cooldown_max_s=settings.region_cooldown_max_s,
+            concurrency_initial=settings.region_concurrency_initial,
+            concurrency_min=settings.region_concurrency_min,
+            concurrency_max=settings.region_concurrency_max,
+            wait_max_s=settings.region_wait_max_s,
+        )
+    )
+    http = build_http_client(settings)
+    executor: JobExecutor | None = None
+    queue: JobQueue | None = None
+    sweeper: Sweeper | None = None
+    if executes:
+        budget_s = (
+            settings.push_ack_deadline_s * ACK_DEADLINE_SHARE
+            if settings.mode is Mode.PUBSUB
+            else float("inf")
+        )
+        vertex = VertexClient(
+            http,
+            project=settings.project,
+            pool=pool,
+            policy=RetryPolicy(
+                max_retries=settings.vertex_max_retries,
+                backoff_initial_s=settings.vertex_backoff_initial_s,
+                backoff_max_s=settings.vertex_backoff_max_s,
+                attempt_timeout_s=min(settings.vertex_timeout_s, budget_s),
+                budget_s=budget_s,
+            ),
+            endpoint=settings.vertex_api_endpoint,
+            credentials=Credentials() if settings.vertex_sends_credentials else None,
+        )
+        executor = JobExecutor(
+            manager,
+            vertex,
+            settings.models,
+            max_deliveries=settings.max_delivery_attempts,
+            requeue_delay_s=settings.requeue_delay_s,
+        )
+    if settings.mode is Mode.PUBSUB:
+        from dispatcher.pubsub import PubSubQueue
+
+        assert settings.pubsub_topic is not None
+        pubsub = PubSubQueue(project=settings.project, topic=settings.pubsub_topic)
+        queue = pubsub
+        sweeper = Sweeper(
+            manager,
+            pubsub,
+            interval_s=settings.sweep_interval_s,
+            max_deliveries=settings.max_delivery_attempts,
+        )
+    elif executor is not None:
+        in_process = InProcessQueue(
+            executor,
+            concurrency=settings.executor_concurrency,
+            max_pending=settings.max_pending_jobs,
+        )
+        queue = in_process
+        if settings.mode is Mode.FIRESTORE:
+            sweeper = Sweeper(
+                manager,
+                in_process,
+                interval_s=settings.sweep_interval_s,
+                max_deliveries=settings.max_delivery_attempts,
+            )
+    runtime = Runtime(
+        settings=settings,
+        manager=manager,
+        executor=executor,
+        queue=queue,
+        sweeper=sweeper,
+        pool=pool,
+        cache=FinishedJobCache(settings.cache_max_jobs),
+        round_robin={
+            model_id: RoundRobin(model.regions) for model_id, model in settings.models.items()
+        },
+    )
+    try:
+        if queue is not None:
+            await queue.start()
+        if sweeper is not None:
+            sweeper.start()
+        yield runtime
+    finally:
+        if sweeper is not None:
+            await sweeper.stop()
+        if queue is not None:
+            await queue.close()
+        await http.aclose()
+        await store.close()

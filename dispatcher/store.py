@@ -1,0 +1,65 @@
+"""What a job store does: read and write records, nothing more.
+
+The rules (which status may follow which, leases) live in `lifecycle.py`,
+which hands each change to `update()` as a pure function. A store applies it
+atomically: the Firestore store in a transaction, the memory store with no
+await between read and write. So both stores obey the same rules, tested once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Protocol
+
+from dispatcher.jobs import Job
+
+Change = Callable[[Job], Job | None]
+"""A pure function from the current record to its successor, or None to leave it."""
+
+
+class JobStore(Protocol):
+    """Persistence for job records."""
+
+    async def create(self, job: Job) -> None:
+        """Store a new job.
+
+        Raises:
+            JobExists: a job with this id is already stored.
+            StoreUnavailable: the store could not be reached.
+        """
+        ...
+
+    async def get(self, job_id: str) -> Job | None:
+        """The job, or None when there is none.
+
+        Raises:
+            StoreUnavailable: the store could not be reached.
+        """
+        ...
+
+    async def update(self, job_id: str, change: Change) -> Job | None:
+        """Apply `change` atomically.
+
+        `change` may run more than once (a transaction retried after contention),
+        so it must be pure.
+
+        Returns:
+            The record as it stands afterwards (changed or not); None if there is none.
+
+        Raises:
+            StoreUnavailable: the store could not be reached.
+        """
+        ...
+
+    async def due(self, now: datetime, limit: int) -> list[Job]:
+        """Unfinished jobs whose `sweep_at` has passed, oldest first, at most `limit`.
+
+        Raises:
+            StoreUnavailable: the store could not be reached.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...

@@ -1,0 +1,311 @@
+"""The Vertex AI client and its retries: every Vertex call of the project is in this file.
+
+One call is a POST to the regional `generateContent` endpoint
+(https://cloud.google.com/vertex-ai/generative-ai/docs/model-reference/inference).
+Transient failures (429, 500, 502, 503, 504, timeouts, connection errors) are
+retried with exponential backoff and jitter, each retry in the next healthy
+region (the `RegionPool` decides); other errors end the job at once with
+Vertex's own code, status and message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_exponential_jitter,
+)
+
+from dispatcher.errors import DispatcherError
+from dispatcher.jobs import JobError, JsonObject
+from dispatcher.regions import Outcome, RegionPool
+
+SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
+TRANSIENT_CODES = frozenset({429, 500, 502, 503, 504})
+_STATUS_NAMES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    409: "ABORTED",
+    429: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    500: "INTERNAL",
+    501: "NOT_IMPLEMENTED",
+    502: "UNAVAILABLE",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+
+class VertexError(DispatcherError):
+    """Vertex AI answered with an error, or could not be reached."""
+
+    def __init__(self, error: JobError, *, region: str) -> None:
+        self.error = error
+        self.region = region
+        super().__init__(f"{region}: {error.code} {error.status}: {error.message}")
+
+    @property
+    def transient(self) -> bool:
+        """Whether trying again (elsewhere, later) may succeed."""
+        return self.error.code in TRANSIENT_CODES
+
+
+def is_transient(exc: BaseException) -> bool:
+    """The retry predicate: only Vertex errors that a retry can fix."""
+    return isinstance(exc, VertexError) and exc.transient
+
+
+def health_outcome(exc: VertexError | None) -> Outcome:
+    """What a call's ending says about its region."""
+    if exc is None:
+        return Outcome.SUCCESS
+    if exc.error.code == 429:
+        return Outcome.OVERLOADED
+    if exc.transient:
+        return Outcome.FAILED
+    return Outcome.NEUTRAL
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RetryPolicy:
+    """How hard one execution tries (from settings)."""
+
+    max_retries: int
+    backoff_initial_s: float
+    backoff_max_s: float
+    attempt_timeout_s: float
+    budget_s: float  # all attempts end within this (kept well inside the push ack deadline)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CallReport:
+    """What one execution did: calls made and the regions they went to, in order."""
+
+    regions: tuple[str, ...]
+    response: JsonObject | None = None
+    error: VertexError | None = None
+
+    @property
+    def calls(self) -> int:
+        """Vertex calls made."""
+        return len(self.regions)
+
+
+class Credentials:
+    """Google credentials, loaded and refreshed off the event loop, one refresh at a time."""
+
+    def __init__(self) -> None:
+        self._credentials: Any = None
+        self._lock = asyncio.Lock()
+
+    async def token(self) -> str:
+        """A valid access token.
+
+        Raises:
+            VertexError: credentials could not be found or refreshed (401, permanent).
+        """
+        creds = self._credentials
+        if creds is not None and creds.valid:
+            return str(creds.token)
+        async with self._lock:
+            try:
+                return await asyncio.to_thread(self._refresh)
+            except Exception as exc:  # google.auth raises several unrelated types
+                raise VertexError(
+                    JobError(
+                        code=401,
+                        status="UNAUTHENTICATED",
+                        message=f"could not obtain Google credentials: {exc}",
+                    ),
+                    region="-",
+                ) from exc
+
+    def _refresh(self) -> str:
+        import google.auth
+        import google.auth.transport.requests
+
+        if self._credentials is None:
+            self._credentials, _ = google.auth.default(scopes=list(SCOPES))
+        if not self._credentials.valid:
+            self._credentials.refresh(google.auth.transport.requests.Request())
+        return str(self._credentials.token)
+
+
+class VertexClient:
+    """Calls generateContent in a chosen region, with retries across regions."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        project: str,
+        pool: RegionPool,
+        policy: RetryPolicy,
+        endpoint: str | None = None,
+        credentials: Credentials | None = None,
+    ) -> None:
+        """Create a client.
+
+        Args:
+            http: The process's shared HTTP client.
+            project: The project in the endpoint path.
+            pool: Region health and concurrency.
+            policy: Retry limits.
+            endpoint: Base URL replacing every regional host (a stand-in, a proxy).
+            credentials: Source of tokens; None sends no Authorization header
+                (always the case for a plain-http endpoint).
+        """
+        self._http = http
+        self._project = project
+        self._pool = pool
+        self._policy = policy
+        self._endpoint = endpoint
+        self._credentials = credentials
+
+    def url_for(self, model: str, region: str) -> str:
+        """The generateContent URL of `model` in `region`."""
+        if self._endpoint:
+            base = self._endpoint
+        elif region == "global":
+            base = "https://aiplatform.googleapis.com"
+        else:
+            base = f"https://{region}-aiplatform.googleapis.com"
+        path = f"/v1/projects/{self._project}/locations/{region}/publishers/google/models/{model}"
+        return f"{base}{path}:generateContent"
+
+    async def generate(
+        self,
+        *,
+        model: str,
+        request: JsonObject,
+        regions: Sequence[str],
+        preferred: str,
+        tried: list[str] | None = None,
+    ) -> CallReport:
+        """Call generateContent, retrying transient failures in the next healthy region.
+
+        Args:
+            model: The model id.
+            request: The GenerateContentRequest, sent as given.
+            regions: Regions allowed for this job, in round-robin order.
+            preferred: The job's assigned region; tried first while healthy.
+            tried: Receives each region as it is called, so a caller that is
+                cancelled mid-way still knows what was spent.
+
+        Returns:
+            The report: the response, or the last error, and every region called.
+        """
+        order = _rotate(regions, preferred)
+        tried = [] if tried is None else tried
+        policy = self._policy
+        exponential = wait_exponential_jitter(
+            initial=policy.backoff_initial_s, max=policy.backoff_max_s, jitter=policy.backoff_initial_s
+        )
+
+        def wait(state: RetryCallState) -> float:
+            # The backoff protects a region, not the job: moving to another region
+            # needs no pause, coming back to one already tried does.
+            if len(set(tried)) < len(order):
+                return 0.0
+            return float(exponential(state))
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(policy.max_retries + 1) | stop_before_delay(policy.budget_s),
+            wait=wait,
+            retry=retry_if_exception(is_transient),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    response = await self._call_once(model, request, order, tried)
+                    return CallReport(regions=tuple(tried), response=response)
+        except VertexError as exc:
+            return CallReport(regions=tuple(tried), error=exc)
+        raise AssertionError("unreachable: tenacity either returns or reraises")  # pragma: no cover
+
+    async def _call_once(
+        self, model: str, request: JsonObject, order: Sequence[str], tried: list[str]
+    ) -> JsonObject:
+        slot = await self._pool.acquire(order, avoid=tried)
+        tried.append(slot.region)
+        failure: VertexError | None = None
+        try:
+            return await self._post(model, slot.region, request)
+        except VertexError as exc:
+            failure = exc
+            raise
+        finally:
+            await self._pool.release(slot, health_outcome(failure))
+
+    async def _post(self, model: str, region: str, request: JsonObject) -> JsonObject:
+        headers = {"Content-Type": "application/json"}
+        if self._credentials is not None:
+            headers["Authorization"] = f"Bearer {await self._credentials.token()}"
+        url = self.url_for(model, region)
+        try:
+            async with asyncio.timeout(self._policy.attempt_timeout_s):
+                response = await self._http.post(
+                    url, content=json.dumps(request, separators=(",", ":")), headers=headers
+                )
+        except (TimeoutError, httpx.TimeoutException):
+            raise VertexError(
+                JobError(
+                    code=504,
+                    status="DEADLINE_EXCEEDED",
+                    message=f"no answer within {self._policy.attempt_timeout_s} s",
+                ),
+                region=region,
+            ) from None
+        except httpx.HTTPError as exc:
+            raise VertexError(
+                JobError(code=503, status="UNAVAILABLE", message=f"connection failed: {exc!r}"),
+                region=region,
+            ) from exc
+        if response.status_code >= 300:
+            raise VertexError(_google_error(response), region=region)
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise VertexError(
+                JobError(code=502, status="UNAVAILABLE", message="response is not a JSON object"),
+                region=region,
+            )
+        return body
+
+
+def _google_error(response: httpx.Response) -> JobError:
+    """Vertex's own error from its body (`{"error": {"code", "status", "message"}}`)."""
+    code = response.status_code
+    status = _STATUS_NAMES.get(code, "UNKNOWN")
+    message = response.reason_phrase or "error"
+    try:
+        detail = response.json().get("error", {})
+    except (ValueError, AttributeError):
+        detail = {}
+    if isinstance(detail, dict):
+        status = str(detail.get("status") or status)
+        message = str(detail.get("message") or message)
+    return JobError(code=code, status=status, message=message)
+
+
+def _rotate(regions: Sequence[str], first: str) -> list[str]:
+    """`regions` in their order, starting at `first` (kept first even if not listed)."""
+    if first not in regions:
+        return [first]
+    index = list(regions).index(first)
+    return [*regions[index:], *regions[:index]]
