@@ -157,9 +157,7 @@ class JobExecutor:
             "transient failure; job will be retried",
             extra={"job_id": job.job_id, "code": error.code, "deliveries": deliveries},
         )
-        return RunOutcome(
-            result=RunResult.RETRY, retry_after_s=self._requeue_delay_s, job=released
-        )
+        return RunOutcome(result=RunResult.RETRY, retry_after_s=self._requeue_delay_s, job=released)
 
     @contextlib.asynccontextmanager
     async def _lease_kept(self, job_id: str, token: str) -> AsyncIterator[None]:

@@ -49,11 +49,11 @@ def json_response(
     )
 
 
-def error_response(
-    status: int, message: str, headers: Mapping[str, str] | None = None
-) -> Response:
+def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
     """The documented error shape: `{"error": {"code", "status", "message"}}`."""
-    body = {"error": {"code": status, "status": STATUS_NAMES.get(status, "UNKNOWN"), "message": message}}
+    body = {
+        "error": {"code": status, "status": STATUS_NAMES.get(status, "UNKNOWN"), "message": message}
+    }
     return json_response(body, status, headers)
 
 

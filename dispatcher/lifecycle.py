@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from dispatcher.jobs import Job, JobError, JobStatus, JsonObject
-from dispatcher.store import JobStore
+from dispatcher.store import Change, JobStore
 
 
 def utc_now() -> datetime:
@@ -98,6 +98,23 @@ class JobManager:
         """The job as stored, or None."""
         return await self.store.get(job_id)
 
+    async def _apply(self, job_id: str, change: Change) -> tuple[Job | None, bool]:
+        """Run `change` through the store; also say whether it wrote.
+
+        A transaction may run the change several times; the verdict kept is the
+        one of the run that committed, the last.
+        """
+        wrote = False
+
+        def tracked(job: Job) -> Job | None:
+            nonlocal wrote
+            changed = change(job)
+            wrote = changed is not None
+            return changed
+
+        job = await self.store.update(job_id, tracked)
+        return job, wrote and job is not None
+
     async def claim(self, job_id: str) -> Claim:
         """Take a job for execution, unless it is finished or leased by another.
 
@@ -142,8 +159,8 @@ class JobManager:
                 return None
             return replace(job, lease_until=lease_until, sweep_at=lease_until, updated_at=now)
 
-        job = await self.store.update(job_id, extend)
-        return job is not None and _holds(job, token) and job.lease_until == lease_until
+        _, wrote = await self._apply(job_id, extend)
+        return wrote
 
     async def succeed(
         self, job_id: str, token: str, *, result: JsonObject, progress: Progress
@@ -180,11 +197,11 @@ class JobManager:
                 updated_at=now,
             )
 
-        job = await self.store.update(job_id, give_back)
-        return job if job is not None and job.status is JobStatus.PENDING else None
+        job, wrote = await self._apply(job_id, give_back)
+        return job if wrote else None
 
     async def fail_pending(self, job_id: str, error: JobError) -> Job | None:
-        """Fail a job that never started (its dispatch failed); no lease needed."""
+        """Fail a job that never started (its dispatch failed); None if it had moved on."""
         now = self._clock()
 
         def abandon(job: Job) -> Job | None:
@@ -192,7 +209,8 @@ class JobManager:
                 return None
             return _terminal(job, JobStatus.FAILED, now, result=None, error=error)
 
-        return await self.store.update(job_id, abandon)
+        job, wrote = await self._apply(job_id, abandon)
+        return job if wrote else None
 
     async def fail_unleased(self, job_id: str, error: JobError) -> Job | None:
         """Fail a job that is pending or whose lease has lapsed (give-up in the sweep)."""
@@ -205,7 +223,8 @@ class JobManager:
                 return None
             return _terminal(job, JobStatus.FAILED, now, result=None, error=error)
 
-        return await self.store.update(job_id, abandon)
+        job, wrote = await self._apply(job_id, abandon)
+        return job if wrote else None
 
     async def postpone_sweep(self, job_id: str, seen_sweep_at: datetime) -> bool:
         """Move a due job's sweep time on; True for the one sweeper that did it.
@@ -221,8 +240,8 @@ class JobManager:
                 return None
             return replace(job, sweep_at=next_sweep)
 
-        job = await self.store.update(job_id, bump)
-        return job is not None and job.sweep_at == next_sweep
+        _, wrote = await self._apply(job_id, bump)
+        return wrote
 
     async def due(self, limit: int) -> list[Job]:
         """Unfinished jobs whose sweep time has passed."""
@@ -245,8 +264,8 @@ class JobManager:
                 return None
             return _terminal(progress.apply(job), status, now, result=result, error=error)
 
-        job = await self.store.update(job_id, finish)
-        return job if job is not None and job.status is status and job.updated_at == now else None
+        job, wrote = await self._apply(job_id, finish)
+        return job if wrote else None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

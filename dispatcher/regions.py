@@ -119,7 +119,11 @@ class RegionPool:
         return dict(self._regions)
 
     async def acquire(
-        self, candidates: Sequence[str], *, avoid: Sequence[str] = (), deadline_s: float | None = None
+        self,
+        candidates: Sequence[str],
+        *,
+        avoid: Sequence[str] = (),
+        deadline_s: float | None = None,
     ) -> Slot:
         """A slot in the first usable region of `candidates`, waiting for one if need be.
 
@@ -169,7 +173,9 @@ class RegionPool:
             if slot.epoch == state.epoch:
                 state.slow_start = False
                 state.epoch += 1
-                state.limit = max(float(config.concurrency_min), state.limit * config.decrease_factor)
+                state.limit = max(
+                    float(config.concurrency_min), state.limit * config.decrease_factor
+                )
             if slot.probe or state.failures >= config.overloads_to_open:
                 self._open(state)
         elif outcome is Outcome.FAILED:

@@ -169,17 +169,13 @@ class Settings:
             job_ttl_s=reader.number("JOB_TTL_S", int, 7 * 24 * 3600, low=60, high=10**9),
             memory_max_jobs=reader.number("MEMORY_MAX_JOBS", int, 100_000, low=1, high=10**8),
             cache_max_jobs=reader.number("CACHE_MAX_JOBS", int, 10_000, low=0, high=10**8),
-            executor_concurrency=reader.number(
-                "EXECUTOR_CONCURRENCY", int, 64, low=1, high=10_000
-            ),
+            executor_concurrency=reader.number("EXECUTOR_CONCURRENCY", int, 64, low=1, high=10_000),
             max_pending_jobs=reader.number("MAX_PENDING_JOBS", int, 10_000, low=1, high=10**7),
             lease_s=reader.number("LEASE_S", float, 60.0, low=1.0, high=3600.0),
             push_ack_deadline_s=reader.number(
                 "PUSH_ACK_DEADLINE_S", float, 600.0, low=10.0, high=600.0
             ),
-            max_delivery_attempts=reader.number(
-                "MAX_DELIVERY_ATTEMPTS", int, 5, low=1, high=100
-            ),
+            max_delivery_attempts=reader.number("MAX_DELIVERY_ATTEMPTS", int, 5, low=1, high=100),
             requeue_delay_s=reader.number("REQUEUE_DELAY_S", float, 10.0, low=0.0, high=600.0),
             sweep_interval_s=reader.number("SWEEP_INTERVAL_S", float, 30.0, low=0.1, high=3600),
             publish_grace_s=reader.number("PUBLISH_GRACE_S", float, 60.0, low=0.1, high=3600),

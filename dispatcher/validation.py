@@ -27,7 +27,7 @@ def parse_request(body: bytes) -> JsonObject:
         InvalidRequest: naming the field that is wrong.
     """
     try:
-        request = json.loads(body)
+        request = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError:
         raise InvalidRequest("body is not UTF-8 text") from None
     except json.JSONDecodeError as exc:

@@ -23,7 +23,8 @@ from tenacity import (
     retry_if_exception,
     stop_after_attempt,
     stop_before_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from dispatcher.errors import DispatcherError
@@ -210,9 +211,10 @@ class VertexClient:
         order = _rotate(regions, preferred)
         tried = [] if tried is None else tried
         policy = self._policy
-        exponential = wait_exponential_jitter(
-            initial=policy.backoff_initial_s, max=policy.backoff_max_s, jitter=policy.backoff_initial_s
-        )
+        # Exponential from the initial delay, capped, plus up to one initial delay of jitter.
+        exponential = wait_exponential(
+            multiplier=policy.backoff_initial_s, max=policy.backoff_max_s
+        ) + wait_random(0, policy.backoff_initial_s)
 
         def wait(state: RetryCallState) -> float:
             # The backoff protects a region, not the job: moving to another region

@@ -37,6 +37,7 @@ MAX_ENVELOPE_BYTES = 64 * 1024  # the ingress publishes ids, not requests
 
 def create_app(settings: Settings) -> Starlette:
     """The worker ASGI app."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with open_runtime(settings, executes=True) as runtime:

@@ -1,0 +1,150 @@
+"""Region choice: round-robin, session affinity, cache pinning, breaker and adaptive limits."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from dispatcher.regions import (
+    Breaker,
+    Outcome,
+    PoolConfig,
+    RegionPool,
+    RoundRobin,
+    pinned_region,
+    session_region,
+)
+
+REGIONS = ("a-east1", "b-west1", "c-north1")
+
+
+class Ticks:
+    """A monotonic clock moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_round_robin_cycles_from_an_offset() -> None:
+    """Successive assignments cycle through the regions in order, from some offset."""
+    robin = RoundRobin(REGIONS, rng=random.Random(1))
+    picks = [robin.assign_region() for _ in range(7)]
+    start = REGIONS.index(picks[0])
+    assert picks == [REGIONS[(start + i) % 3] for i in range(7)]
+
+
+def test_round_robin_offsets_differ_between_instances() -> None:
+    """Instances start at random offsets, so not every instance starts on the first region."""
+    starts = {RoundRobin(REGIONS, rng=random.Random(seed)).assign_region() for seed in range(20)}
+    assert len(starts) > 1
+
+
+def test_session_region_is_stable() -> None:
+    """A session id maps to the same region every time, on any instance."""
+    assert {session_region(REGIONS, "user-42") for _ in range(5)} == {
+        session_region(REGIONS, "user-42")
+    }
+
+
+@pytest.mark.parametrize(
+    ("request_body", "region"),
+    [
+        ({"cachedContent": "projects/p/locations/europe-west4/cachedContents/123"}, "europe-west4"),
+        ({"cachedContent": "not-a-cache-name"}, None),
+        ({}, None),
+    ],
+)
+def test_pinned_region_comes_from_cached_content(
+    request_body: dict[str, str], region: str | None
+) -> None:
+    """A named context cache pins the request to the cache's region."""
+    assert pinned_region(request_body) == region
+
+
+async def test_failure_opens_breaker_and_next_region_is_used() -> None:
+    """A 5xx opens the region's breaker; the next call goes to the next region."""
+    ticks = Ticks()
+    pool = RegionPool(PoolConfig(cooldown_initial_s=2), clock=ticks)
+    slot = await pool.acquire(REGIONS)
+    assert slot.region == "a-east1"
+    await pool.release(slot, Outcome.FAILED)
+    assert pool.state("a-east1").breaker is Breaker.OPEN
+    assert (await pool.acquire(REGIONS)).region == "b-west1"
+
+
+async def test_half_open_allows_one_probe_then_closes_on_success() -> None:
+    """After the cooldown one probe goes through; success closes the breaker."""
+    ticks = Ticks()
+    pool = RegionPool(PoolConfig(cooldown_initial_s=2), clock=ticks)
+    await pool.release(await pool.acquire(["a-east1"]), Outcome.FAILED)
+    ticks.now += 2.5
+    probe = await pool.acquire(["a-east1", "b-west1"])
+    assert probe.region == "a-east1" and probe.probe
+    assert (await pool.acquire(["a-east1", "b-west1"])).region == "b-west1"
+    await pool.release(probe, Outcome.SUCCESS)
+    assert pool.state("a-east1").breaker is Breaker.CLOSED
+
+
+async def test_cooldown_doubles_while_failing_and_is_capped() -> None:
+    """Each failed probe doubles the cooldown, up to the maximum."""
+    ticks = Ticks()
+    pool = RegionPool(PoolConfig(cooldown_initial_s=1, cooldown_max_s=4), clock=ticks)
+    cooldowns = []
+    for _ in range(5):
+        slot = await pool.acquire(["a-east1"], deadline_s=0)
+        await pool.release(slot, Outcome.FAILED)
+        cooldowns.append(pool.state("a-east1").cooldown_s)
+        ticks.now += 10
+    assert cooldowns == [1, 2, 4, 4, 4]
+
+
+async def test_overload_halves_limit_once_per_round() -> None:
+    """Several 429s from calls started together decrease the limit only once."""
+    pool = RegionPool(PoolConfig(concurrency_initial=10, decrease_factor=0.5, overloads_to_open=99))
+    slots = [await pool.acquire(["a-east1"]) for _ in range(4)]
+    for slot in slots:
+        await pool.release(slot, Outcome.OVERLOADED)
+    assert pool.state("a-east1").limit == 5
+
+
+async def test_success_grows_limit_additively_after_overload() -> None:
+    """After the first 429 the limit grows by about one per limit's worth of successes."""
+    pool = RegionPool(PoolConfig(concurrency_initial=4, decrease_factor=0.5, overloads_to_open=99))
+    await pool.release(await pool.acquire(["a-east1"]), Outcome.OVERLOADED)
+    assert pool.state("a-east1").limit == 2
+    for _ in range(2):
+        await pool.release(await pool.acquire(["a-east1"]), Outcome.SUCCESS)
+    assert pool.state("a-east1").limit == pytest.approx(2 + 1 / 2 + 1 / 2.5)
+
+
+async def test_call_waits_for_a_free_slot_instead_of_overflowing() -> None:
+    """At the limit, acquire waits until a slot is released."""
+    pool = RegionPool(PoolConfig(concurrency_initial=1, concurrency_min=1))
+    held = await pool.acquire(["a-east1"])
+    waiter = asyncio.create_task(pool.acquire(["a-east1"]))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    await pool.release(held, Outcome.NEUTRAL)
+    slot = await asyncio.wait_for(waiter, 1)
+    assert slot.region == "a-east1"
+
+
+async def test_avoided_region_used_only_as_last_resort() -> None:
+    """A retry avoids the region that just failed while another is usable."""
+    pool = RegionPool(PoolConfig())
+    assert (await pool.acquire(REGIONS, avoid=["a-east1"])).region == "b-west1"
+    assert (await pool.acquire(["a-east1"], avoid=["a-east1"])).region == "a-east1"
+
+
+async def test_all_regions_cooling_waits_then_probes() -> None:
+    """When every region is open, acquire waits (bounded) and then probes one anyway."""
+    pool = RegionPool(PoolConfig(cooldown_initial_s=60, wait_max_s=0.05))
+    for region in REGIONS:
+        await pool.release(await pool.acquire([region]), Outcome.FAILED)
+    slot = await asyncio.wait_for(pool.acquire(REGIONS), 2)
+    assert slot.region in REGIONS
