@@ -78,12 +78,13 @@ class JobExecutor:
             log.info("job already finished; not calling Vertex", extra={"job_id": job_id})
             return RunOutcome(result=RunResult.DONE, job=claim.job)
         job = claim.job
-        assert job is not None and claim.lease_token is not None
+        assert job is not None
         if claim.outcome is ClaimOutcome.BUSY:
             lease_left = (job.lease_until or _now()) - _now()
             return RunOutcome(
                 result=RunResult.RETRY, retry_after_s=max(1.0, lease_left.total_seconds()), job=job
             )
+        assert claim.lease_token is not None
         return await self._execute(job, claim.lease_token, delivery_attempt)
 
     async def _execute(self, job: Job, token: str, delivery_attempt: int | None) -> RunOutcome:
