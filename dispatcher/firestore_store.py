@@ -70,7 +70,7 @@ class FirestoreJobStore:
         """Apply `change` in a transaction (retried by the client on contention)."""
         ref = self._collection.document(job_id)
 
-        @firestore.async_transactional  # type: ignore[misc]
+        @firestore.async_transactional
         async def apply(transaction: firestore.AsyncTransaction) -> Job | None:
             snapshot = await ref.get(transaction=transaction)
             if not snapshot.exists:
@@ -114,7 +114,7 @@ class FirestoreJobStore:
 
     async def close(self) -> None:
         """Close the client's channels."""
-        self._client.close()
+        self._client.close()  # type: ignore[no-untyped-call]  # the client is untyped here
 
     async def _decode(self, ref: Any, stored: JsonObject) -> Job:
         doc = dict(stored)

@@ -87,7 +87,7 @@ def load_settings(env: Mapping[str, str], *, service: str) -> Settings:
     try:
         return Settings.from_env(env)
     except ConfigError as exc:
-        print(f"{service}: configuration error: {exc}", file=sys.stderr)  # noqa: T201
+        print(f"{service}: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from google.api_core import exceptions as google_exceptions
-from google.cloud import pubsub_v1
+from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # re-exported lazily
 
 from dispatcher.errors import InvalidRequest, PublishFailed
 from dispatcher.jobs import Job, is_job_id

@@ -11,6 +11,7 @@ waits for a slot in a healthy region, bounded, instead of bouncing off a full on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hashlib
 import itertools
@@ -149,10 +150,8 @@ class RegionPool:
                 # Woken by a released slot or a health change; the timeout also
                 # covers a cooldown that simply runs out.
                 wake_in = min(remaining, self._next_reopen(candidates) or remaining)
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), timeout=max(wake_in, 0.001))
-                except TimeoutError:
-                    pass
 
     async def release(self, slot: Slot, outcome: Outcome) -> None:
         """Give a slot back and learn from how the call ended."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,8 +15,8 @@ os.environ["NO_GCE_CHECK"] = "True"
 os.environ["GCE_METADATA_HOST"] = "127.0.0.1:9"
 os.environ["GCE_METADATA_IP"] = "127.0.0.1:9"
 
-from dispatcher.jobs import Job, JobStatus, new_job_id  # noqa: E402
-from dispatcher.settings import Settings  # noqa: E402
+from dispatcher.jobs import Job, JobStatus, new_job_id
+from dispatcher.settings import Settings
 
 REGIONS = ("us-central1", "europe-west4", "asia-northeast1")
 MODEL = "gemini-test"
@@ -70,7 +70,7 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def job_factory(clock: Clock) -> Iterator[Callable[..., Job]]:
+def job_factory(clock: Clock) -> Callable[..., Job]:
     """Builds jobs with sensible defaults; any field may be overridden."""
 
     def make(**overrides: Any) -> Job:
@@ -89,4 +89,4 @@ def job_factory(clock: Clock) -> Iterator[Callable[..., Job]]:
         fields.update(overrides)
         return Job(**fields)
 
-    yield make
+    return make

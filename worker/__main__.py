@@ -15,7 +15,7 @@ def main() -> None:
     settings = load_settings(os.environ, service="worker")
     if settings.mode is not Mode.PUBSUB:
         # Without a shared store and a topic, no job could ever reach this process.
-        print(  # noqa: T201
+        print(
             "worker: configuration error: PUBSUB_TOPIC: the worker needs PUBSUB_TOPIC, "
             "FIRESTORE_COLLECTION and FIRESTORE_DATABASE",
             file=sys.stderr,

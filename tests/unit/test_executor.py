@@ -143,7 +143,7 @@ async def test_permanent_error_fails_once(
 async def test_transient_exhaustion_asks_for_retry_then_fails_at_limit(
     bench_factory: Callable[..., Bench], job_factory: Callable[..., Job]
 ) -> None:
-    """Spent retries on 503s release the job; at MAX_DELIVERY_ATTEMPTS it fails with the last error."""
+    """Spent retries release the job; at MAX_DELIVERY_ATTEMPTS it fails with the last error."""
     bench = bench_factory({"default": {"status": 503}}, max_deliveries=2, max_retries=1)
     job = job_factory()
     await bench.manager.store.create(job)
@@ -175,7 +175,7 @@ async def test_delivery_attempt_from_pubsub_counts(
 async def test_cached_content_runs_only_in_its_region(
     bench_factory: Callable[..., Bench], job_factory: Callable[..., Job]
 ) -> None:
-    """A request naming a context cache runs in the cache's region even when another was assigned."""
+    """A request naming a context cache runs in the cache's region, whatever was assigned."""
     bench = bench_factory()
     request = {
         "contents": [{"role": "user", "parts": [{"text": "q"}]}],
