@@ -1,16 +1,20 @@
 """The job store on Firestore: every Firestore call of the project is in this file.
 
 Layout: one document per job in the configured collection. The request and the
-result are stored as JSON text: inline when small, otherwise split into chunk
-documents in the job's `blobs` subcollection, because one document holds at most
-1 MiB (https://cloud.google.com/firestore/quotas#limits) while a request may be
-8 MiB and a response larger. Blobs never change once written, so they are read
-outside transactions; only the small job document takes part in them.
+result are stored as JSON: inline when small, otherwise as UTF-8 bytes split into
+chunk documents in the job's `blobs` subcollection, because one document holds at
+most 1 MiB (https://cloud.google.com/firestore/quotas#limits) while a request may
+be 8 MiB and a response larger. Chunks are written before the job document points
+at them, each in its own small commit (a gRPC message is capped at 4 MiB), under a
+fresh blob id, so a failed or retried transaction leaves at most orphan chunks that
+the TTL policy deletes (each carries `expire_at`). Blobs never change once written,
+so they are read outside transactions; only the small job document takes part in them.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from datetime import datetime
 from typing import Any
 
@@ -22,10 +26,19 @@ from dispatcher.errors import JobExists, StoreUnavailable
 from dispatcher.jobs import Job, JsonObject
 from dispatcher.store import Change
 
-# JSON is written with ensure_ascii, so one character is one byte.
-INLINE_LIMIT = 256 * 1024
+INLINE_LIMIT = 256 * 1024  # bytes of JSON kept in the job document itself
 CHUNK_BYTES = 512 * 1024
+CHUNKS_PER_COMMIT = 4  # ~2 MiB a commit, well under the 4 MiB gRPC message cap
+TRANSACTION_ATTEMPTS = 10  # contention on one job is rare but real (renewal vs. duplicate)
 _BLOBS = ("request", "result")
+
+
+class _BlobNeeded(Exception):
+    """Raised inside a transaction: a large blob must be written first, outside it."""
+
+    def __init__(self, name: str, data: bytes) -> None:
+        self.name = name
+        self.data = data
 
 
 class FirestoreJobStore:
@@ -41,15 +54,17 @@ class FirestoreJobStore:
         return cls(firestore.AsyncClient(project=project, database=database), collection)
 
     async def create(self, job: Job) -> None:
-        """Write a new job and its request blob in one batch."""
+        """Write a new job: large blobs first, then the document (the idempotency gate)."""
         ref = self._collection.document(job.job_id)
-        doc, blob_writes = _encode(job.to_doc(), previous=None)
-        batch = self._client.batch()
-        batch.create(ref, doc)
-        for name, text in blob_writes:
-            batch.set(ref.collection("blobs").document(name), {"text": text})
         try:
-            await batch.commit()
+            written: dict[str, tuple[str, int]] = {}
+            while True:
+                try:
+                    doc = _encode(job.to_doc(), previous=None, written=written)
+                    break
+                except _BlobNeeded as need:
+                    written[need.name] = await self._write_blob(ref, need.data, job.expire_at)
+            await ref.create(doc)
         except google_exceptions.AlreadyExists as exc:
             raise JobExists(f"job {job.job_id} already exists") from exc
         except google_exceptions.GoogleAPIError as exc:
@@ -69,6 +84,7 @@ class FirestoreJobStore:
     async def update(self, job_id: str, change: Change) -> Job | None:
         """Apply `change` in a transaction (retried by the client on contention)."""
         ref = self._collection.document(job_id)
+        written: dict[str, tuple[str, int]] = {}
 
         @firestore.async_transactional
         async def apply(transaction: firestore.AsyncTransaction) -> Job | None:
@@ -80,18 +96,26 @@ class FirestoreJobStore:
             changed = change(current)
             if changed is None:
                 return current
-            fields, blob_writes = _encode(changed.to_doc(), previous=stored)
-            for name, text in blob_writes:
-                transaction.set(ref.collection("blobs").document(name), {"text": text})
+            fields = _encode(changed.to_doc(), previous=stored, written=written)
             if fields:
                 transaction.update(ref, fields)
             return changed
 
         try:
-            result: Job | None = await apply(self._client.transaction())
+            while True:
+                try:
+                    transaction = self._client.transaction(max_attempts=TRANSACTION_ATTEMPTS)
+                    result: Job | None = await apply(transaction)
+                    return result
+                except _BlobNeeded as need:
+                    # The change is pure: run it again once its blob is in place.
+                    current = await self.get(job_id)
+                    expire_at = current.expire_at if current else None
+                    written[need.name] = await self._write_blob(ref, need.data, expire_at)
         except google_exceptions.GoogleAPIError as exc:
             raise StoreUnavailable(f"Firestore transaction failed: {exc}") from exc
-        return result
+        except ValueError as exc:  # the client's "failed to commit in N attempts"
+            raise StoreUnavailable(f"Firestore transaction failed: {exc}") from exc
 
     async def due(self, now: datetime, limit: int) -> list[Job]:
         """Jobs whose `sweep_at` has passed.
@@ -116,27 +140,49 @@ class FirestoreJobStore:
         """Close the client's channels."""
         self._client.close()  # type: ignore[no-untyped-call]  # the client is untyped here
 
+    async def _write_blob(
+        self, ref: Any, data: bytes, expire_at: datetime | None
+    ) -> tuple[str, int]:
+        """Write `data` as chunk documents under a fresh id; returns (id, chunk count)."""
+        blob_id = secrets.token_hex(6)
+        chunks = [data[i : i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)]
+        blobs = ref.collection("blobs")
+        for start in range(0, len(chunks), CHUNKS_PER_COMMIT):
+            batch = self._client.batch()
+            for index in range(start, min(start + CHUNKS_PER_COMMIT, len(chunks))):
+                batch.set(
+                    blobs.document(f"{blob_id}-{index}"),
+                    {"data": chunks[index], "expire_at": expire_at},
+                )
+            await batch.commit()
+        return blob_id, len(chunks)
+
     async def _decode(self, ref: Any, stored: JsonObject) -> Job:
         doc = dict(stored)
         for blob in _BLOBS:
             inline = doc.pop(f"{blob}_json", None)
+            blob_id = doc.pop(f"{blob}_blob", None)
             chunks = int(doc.pop(f"{blob}_chunks", 0) or 0)
-            if chunks:
+            if blob_id and chunks:
                 blobs = ref.collection("blobs")
-                parts = [await blobs.document(f"{blob}-{i}").get() for i in range(chunks)]
-                inline = "".join(str((part.to_dict() or {}).get("text", "")) for part in parts)
-            doc[blob] = json.loads(inline) if inline else None
+                parts = [await blobs.document(f"{blob_id}-{i}").get() for i in range(chunks)]
+                data = b"".join(bytes((part.to_dict() or {}).get("data", b"")) for part in parts)
+                doc[blob] = json.loads(data)
+            else:
+                doc[blob] = json.loads(inline) if inline else None
         return Job.from_doc(doc)
 
 
-def _encode(doc: JsonObject, *, previous: JsonObject | None) -> tuple[JsonObject, list[Any]]:
-    """Split a job document into its Firestore fields and blob chunk writes.
+def _encode(
+    doc: JsonObject, *, previous: JsonObject | None, written: dict[str, tuple[str, int]]
+) -> JsonObject:
+    """The Firestore fields of a job document.
 
     With `previous` (the stored fields), only changed fields are returned, and a
-    blob already stored is not written again: blobs are write-once.
+    blob already stored is not written again: blobs are write-once. A blob too
+    large for the document raises `_BlobNeeded` unless `written` has its chunks.
     """
     fields: JsonObject = {}
-    blob_writes: list[tuple[str, str]] = []
     for key, value in doc.items():
         if key in _BLOBS:
             already = previous is not None and (
@@ -144,13 +190,14 @@ def _encode(doc: JsonObject, *, previous: JsonObject | None) -> tuple[JsonObject
             )
             if value is None or already:
                 continue
-            text = json.dumps(value, ensure_ascii=True, separators=(",", ":"))
-            if len(text) <= INLINE_LIMIT:
-                fields[f"{key}_json"] = text
-            else:
-                pieces = [text[i : i + CHUNK_BYTES] for i in range(0, len(text), CHUNK_BYTES)]
-                blob_writes.extend((f"{key}-{i}", piece) for i, piece in enumerate(pieces))
-                fields[f"{key}_chunks"] = len(pieces)
+            if key in written:
+                fields[f"{key}_blob"], fields[f"{key}_chunks"] = written[key]
+                continue
+            text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+            data = text.encode()
+            if len(data) > INLINE_LIMIT:
+                raise _BlobNeeded(key, data)
+            fields[f"{key}_json"] = text
         elif previous is None or previous.get(key) != value:
             fields[key] = value
-    return fields, blob_writes
+    return fields
