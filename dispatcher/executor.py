@@ -16,6 +16,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from dispatcher.jobs import Job, JobError
 from dispatcher.lifecycle import ClaimOutcome, JobManager, Progress
@@ -59,6 +60,12 @@ class JobExecutor:
         self._models = models
         self._max_deliveries = max_deliveries
         self._requeue_delay_s = requeue_delay_s
+        self._active: set[asyncio.Task[Any]] = set()
+
+    async def wait_idle(self, timeout_s: float) -> None:
+        """Wait until no run is in flight (cancelled runs release their job first)."""
+        if self._active:
+            await asyncio.wait(set(self._active), timeout=timeout_s)
 
     async def run(self, job_id: str, *, delivery_attempt: int | None = None) -> RunOutcome:
         """Execute one job once.
@@ -85,7 +92,13 @@ class JobExecutor:
                 result=RunResult.RETRY, retry_after_s=max(1.0, lease_left.total_seconds()), job=job
             )
         assert claim.lease_token is not None
-        return await self._execute(job, claim.lease_token, delivery_attempt)
+        task = asyncio.current_task()
+        assert task is not None
+        self._active.add(task)
+        try:
+            return await self._execute(job, claim.lease_token, delivery_attempt)
+        finally:
+            self._active.discard(task)
 
     async def _execute(self, job: Job, token: str, delivery_attempt: int | None) -> RunOutcome:
         model = self._models.get(job.model)

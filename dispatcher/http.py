@@ -95,7 +95,8 @@ def serve(app: Any, settings: Settings) -> None:
     """Serve an ASGI app with uvicorn, JSON logs, and Cloud Run's shutdown grace.
 
     Cloud Run sends SIGTERM and kills the instance 10 s later; uvicorn stops
-    accepting at once and gives in-flight requests 8 s before cancelling them.
+    accepting at once and gives in-flight requests 5 s to finish before cancelling
+    them; cancelled runs then hand their jobs back (at most 3 s) before exit.
     """
     import uvicorn
 
@@ -106,6 +107,6 @@ def serve(app: Any, settings: Settings) -> None:
         port=settings.port,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=8,
+        timeout_graceful_shutdown=5,
         lifespan="on",
     )

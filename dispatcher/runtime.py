@@ -26,6 +26,7 @@ from dispatcher.vertex import Credentials, RetryPolicy, VertexClient
 
 # Pub/Sub push requests time out at the ack deadline; retries must end well before.
 ACK_DEADLINE_SHARE = 0.8
+SHUTDOWN_RELEASE_S = 3.0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -177,5 +178,8 @@ async def open_runtime(settings: Settings, *, executes: bool) -> AsyncIterator[R
             await sweeper.stop()
         if queue is not None:
             await queue.close()
+        if executor is not None:
+            # Runs cancelled by the server's shutdown hand their jobs back first.
+            await executor.wait_idle(timeout_s=SHUTDOWN_RELEASE_S)
         await http.aclose()
         await store.close()
