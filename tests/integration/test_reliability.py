@@ -184,7 +184,10 @@ def test_soak_mode3_with_faults_and_a_worker_restart(stack_factory: Callable[...
         "pubsub",
         standin={
             "default": {"capacity": 24, "latency_s": 0.05},
-            "regions": {REGIONS[1]: {"capacity": 24, "latency_s": 0.05, "script": [503] * 40}},
+            "regions": {
+                REGIONS[1]: {"capacity": 24, "latency_s": 0.05, "script": [503] * 40},
+                REGIONS[2]: {"capacity": 24, "latency_s": 0.05, "script": [429] * 40},
+            },
         },
         LEASE_S="5",
         SWEEP_INTERVAL_S="2",
