@@ -62,6 +62,10 @@ class Job:
         sweep_at: When the recovery sweep must look at the job if nothing else has
             moved it on (a lost publish, a dead executor); None once terminal.
         expire_at: When the record may be deleted (Firestore TTL; memory eviction).
+        owner: Who created the job (an API key's id), None when keys are off;
+            only the owner may see it.
+        idempotency_key: The client's Idempotency-Key, if it sent one.
+        request_hash: SHA-256 of the request as submitted (to tell a replay from a conflict).
     """
 
     job_id: str
@@ -81,6 +85,9 @@ class Job:
     lease_until: datetime | None = None
     sweep_at: datetime | None = None
     session_id: str | None = None
+    owner: str | None = None
+    idempotency_key: str | None = None
+    request_hash: str | None = None
 
     def to_doc(self) -> JsonObject:
         """The job as a plain mapping for a store; `request`/`result` stay JSON objects."""
@@ -102,6 +109,9 @@ class Job:
             "lease_until": self.lease_until,
             "sweep_at": self.sweep_at,
             "session_id": self.session_id,
+            "owner": self.owner,
+            "idempotency_key": self.idempotency_key,
+            "request_hash": self.request_hash,
         }
 
     @classmethod
@@ -126,6 +136,9 @@ class Job:
             lease_until=as_utc(doc["lease_until"]) if doc.get("lease_until") else None,
             sweep_at=as_utc(doc["sweep_at"]) if doc.get("sweep_at") else None,
             session_id=doc.get("session_id"),
+            owner=doc.get("owner"),
+            idempotency_key=doc.get("idempotency_key"),
+            request_hash=doc.get("request_hash"),
         )
 
 

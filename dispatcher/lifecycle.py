@@ -79,6 +79,9 @@ class JobManager:
         region: str,
         request: JsonObject,
         session_id: str | None = None,
+        owner: str | None = None,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
     ) -> Job:
         """A pending job, stamped with its creation, expiry and sweep times."""
         now = self._clock()
@@ -92,6 +95,9 @@ class JobManager:
             expire_at=now + timedelta(seconds=self.rules.job_ttl_s),
             sweep_at=now + timedelta(seconds=self.rules.publish_grace_s),
             session_id=session_id,
+            owner=owner,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
         )
 
     async def get(self, job_id: str) -> Job | None:
