@@ -80,6 +80,7 @@ async def submit(request: Request) -> Response:
         region=region,
         request=body,
         session_id=request.headers.get("x-session-id"),
+        owner=caller_of(request),
     )
     try:
         await runtime.manager.store.create(job)
@@ -124,12 +125,21 @@ async def job_status(request: Request) -> Response:
             return error_response(404, f"no job {job_id}")
         if runtime.settings.mode is not Mode.MEMORY:
             runtime.cache.remember(job)
+    if job.owner != caller_of(request):
+        # Another caller's job looks exactly like no job: ids cannot be probed.
+        return error_response(404, f"no job {job_id}")
     return json_response(job_view(job))
 
 
 async def healthz(request: Request) -> Response:
     """GET /healthz: the process is up."""
     return PlainTextResponse("ok")
+
+
+def caller_of(request: Request) -> str | None:
+    """The authenticated caller's id, set by the API-key middleware; None when keys are off."""
+    caller = getattr(request.state, "caller", None)
+    return caller if isinstance(caller, str) else None
 
 
 def job_view(job: Job) -> dict[str, Any]:
