@@ -7,19 +7,22 @@ import json
 import queue
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from google.cloud import pubsub_v1
 from google.pubsub_v1.types import Subscription
 
-from tests.integration.conftest import Emulators
 from tests.support.processes import base_child_env, free_port
 from tests.support.stack import PROJECT, ROOT, unique
+
+if TYPE_CHECKING:
+    from tests.integration.conftest import Emulators
 
 pytestmark = pytest.mark.integration
 
@@ -238,8 +241,9 @@ def test_refused_job_ends_in_the_dead_letter_subscription(
     for _ in range(5):
         push_endpoint.received.get(timeout=30)
     kept = names.path("subscriptions", f"{names.dead_letter_topic}-sub")
-    for _ in range(30):
+    deadline = time.monotonic() + 60
+    messages: list[bytes] = []
+    while not messages and time.monotonic() < deadline:
         pulled = subscriber.pull(subscription=kept, max_messages=1, timeout=10)
-        if pulled.received_messages:
-            break
-    assert [m.message.data for m in pulled.received_messages] == [b'{"job_id": "job-2"}']
+        messages = [m.message.data for m in pulled.received_messages]
+    assert messages == [b'{"job_id": "job-2"}']

@@ -13,11 +13,15 @@ import shutil
 import stat
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
@@ -236,6 +240,25 @@ def test_dockerfile_runs_the_readme_command_as_non_root(dockerfile: Path) -> Non
     assert any("--require-hashes" in line and "requirements.lock" in line for line in lines)
 
 
+def test_lock_pins_every_runtime_dependency_with_hashes() -> None:
+    """requirements.lock satisfies pyproject's runtime dependencies, every pin hashed."""
+    lines = (ROOT / "requirements.lock").read_text().splitlines()
+    pins: dict[str, Version] = {}
+    for number, line in enumerate(lines):
+        if line and not line[0].isspace() and not line.startswith("#"):
+            name, _, version = line.split()[0].partition("==")
+            assert version, f"requirements.lock line {number + 1} is not pinned: {line}"
+            assert lines[number + 1].strip().startswith("--hash=sha256:"), f"{name} has no hash"
+            pins[canonicalize_name(name)] = Version(version)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for dependency in map(Requirement, project["dependencies"]):
+        name = canonicalize_name(dependency.name)
+        assert name in pins, f"{name} is not in requirements.lock: regenerate it"
+        assert dependency.specifier.contains(pins[name]), (
+            f"{name}=={pins[name]} breaks {dependency}"
+        )
+
+
 # --- deploy.sh --dry-run: what it would run ---------------------------------
 
 
@@ -283,23 +306,48 @@ def test_dry_run_builds_both_images_in_artifact_registry(dry_run: Callable[..., 
         "_INGRESS_IMAGE": f"{base}/ingress:test-tag",
         "_WORKER_IMAGE": f"{base}/worker:test-tag",
     }
+    assert "!/Dockerfile.ingress" in Path(build["ignore-file"]).read_text()
     assert flags(done.deploy("ingress"))["image"] == images["_INGRESS_IMAGE"]
     assert flags(done.deploy("worker"))["image"] == images["_WORKER_IMAGE"]
     assert done.position("gcloud", "builds", "submit") < done.position("gcloud", "run", "deploy")
 
 
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_build_context_holds_everything_the_dockerfile_copies(
+    dockerfile: Path, dry_run: Callable[..., Run]
+) -> None:
+    """What a Dockerfile copies is both uploaded to Cloud Build and kept by .dockerignore."""
+    copied = {
+        source.rstrip("/")
+        for line in dockerfile.read_text().splitlines()
+        if line.startswith("COPY ") and "--from=" not in line
+        for source in line.split()[1:-1]
+    }
+    ignore_file = Path(flags(dry_run().one("gcloud", "builds", "submit"))["ignore-file"])
+    uploaded = {line.rstrip("/") for line in ignore_file.read_text().splitlines()}
+    kept = (ROOT / ".dockerignore").read_text().splitlines()
+    assert copied
+    for source in copied:
+        assert f"!{source}" in kept, f".dockerignore drops {source}"
+        assert f"!/{source}" in uploaded, f"the upload leaves out {source}"
+    assert f"!/{dockerfile.name}" in uploaded
+
+
 def test_dry_run_creates_firestore_database_and_ttl(dry_run: Callable[..., Run]) -> None:
-    """A Native-mode database at the configured location, and TTL on expire_at."""
+    """A Native-mode database at the configured location, and TTL on expire_at of jobs and blobs."""
     done = dry_run(FIRESTORE_DATABASE="jobs-db", FIRESTORE_LOCATION="eur3")
     database = flags(done.one("gcloud", "firestore", "databases", "create"))
     assert database["database"] == "jobs-db"
     assert database["location"] == "eur3"
     assert database["type"] == "firestore-native"
-    ttl = done.one("gcloud", "firestore", "fields", "ttls", "update")
-    assert ttl[5] == "expire_at"
-    assert flags(ttl)["collection-group"] == "jobs"
-    assert flags(ttl)["database"] == "jobs-db"
-    assert "enable-ttl" in flags(ttl)
+    ttls = [
+        c for c in done.commands if c[:5] == ["gcloud", "firestore", "fields", "ttls", "update"]
+    ]
+    assert {flags(ttl)["collection-group"] for ttl in ttls} == {"jobs", "blobs"}
+    for ttl in ttls:
+        assert ttl[5] == "expire_at"
+        assert flags(ttl)["database"] == "jobs-db"
+        assert "enable-ttl" in flags(ttl)
 
 
 def test_dry_run_creates_three_service_accounts(dry_run: Callable[..., Run]) -> None:
@@ -469,10 +517,10 @@ def test_services_share_their_application_settings(dry_run: Callable[..., Run]) 
 def test_config_file_is_read_not_evaluated(dry_run: Callable[..., Run], tmp_path: Path) -> None:
     """Shell syntax in a value stays text: nothing in the config file is run."""
     marker = tmp_path / "evaluated"
-    value = f"$(touch {marker})`touch {marker}`"
-    done = dry_run(FIRESTORE_COLLECTION=value)
+    value = MODEL_CONFIG.replace("}]", f', "x": "$(touch {marker})`touch {marker}`"}}]')
+    done = dry_run(MODEL_CONFIG=value)
     assert not marker.exists()
-    assert done.env_file("worker")["FIRESTORE_COLLECTION"] == value
+    assert done.env_file("worker")["MODEL_CONFIG"] == value
 
 
 # --- deploy.sh refusals -----------------------------------------------------
@@ -522,8 +570,10 @@ def test_worker_timeout_below_ack_deadline_is_refused(
         ("MIN_RETRY_DELAY=10", "MIN_RETRY_DELAY must be a duration"),
         ("INGRESS_PUBLIC=yes", "INGRESS_PUBLIC must be true or false"),
         ("MODEL_ID=gemini-other", "MODEL_CONFIG has no entry for MODEL_ID gemini-other"),
+        ("FIRESTORE_COLLECTION=jobs/x", "FIRESTORE_COLLECTION must be a collection id"),
+        ("WORKER_SA=x", "WORKER_SA must be a service account id"),
     ],
-    ids=["unknown", "malformed", "ack", "attempts", "delay", "bool", "model"],
+    ids=["unknown", "malformed", "ack", "attempts", "delay", "bool", "model", "collection", "sa"],
 )
 def test_bad_setting_is_refused(
     write_config: Callable[..., Path], run_script: Callable[..., Run], line: str, message: str
