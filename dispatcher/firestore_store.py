@@ -21,6 +21,7 @@ from typing import Any
 from google.api_core import exceptions as google_exceptions
 from google.cloud import firestore
 from google.cloud.firestore_v1.base_query import FieldFilter
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random
 
 from dispatcher.errors import JobExists, StoreUnavailable
 from dispatcher.jobs import Job, JsonObject
@@ -29,7 +30,8 @@ from dispatcher.store import Change
 INLINE_LIMIT = 256 * 1024  # bytes of JSON kept in the job document itself
 CHUNK_BYTES = 512 * 1024
 CHUNKS_PER_COMMIT = 4  # ~2 MiB a commit, well under the 4 MiB gRPC message cap
-TRANSACTION_ATTEMPTS = 10  # contention on one job is rare but real (renewal vs. duplicate)
+TRANSACTION_ATTEMPTS = 5  # the client's own immediate retries of an aborted transaction
+CONTENTION_ROUNDS = 4  # rounds of those, with a random pause between rounds
 _BLOBS = ("request", "result")
 
 
@@ -101,21 +103,35 @@ class FirestoreJobStore:
                 transaction.update(ref, fields)
             return changed
 
+        # The client retries an aborted transaction at once, up to its attempt limit;
+        # under contention (a lease renewal racing a duplicate delivery) a short random
+        # pause before trying again lets the other writer finish.
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(CONTENTION_ROUNDS),
+            wait=wait_random(0.05, 0.5),
+            retry=retry_if_exception(_is_contention),
+            reraise=True,
+        )
         try:
-            while True:
-                try:
-                    transaction = self._client.transaction(max_attempts=TRANSACTION_ATTEMPTS)
-                    result: Job | None = await apply(transaction)
-                    return result
-                except _BlobNeeded as need:
-                    # The change is pure: run it again once its blob is in place.
-                    current = await self.get(job_id)
-                    expire_at = current.expire_at if current else None
-                    written[need.name] = await self._write_blob(ref, need.data, expire_at)
+            async for attempt in retrying:
+                with attempt:
+                    while True:
+                        try:
+                            transaction = self._client.transaction(
+                                max_attempts=TRANSACTION_ATTEMPTS
+                            )
+                            result: Job | None = await apply(transaction)
+                            return result
+                        except _BlobNeeded as need:
+                            # The change is pure: run it again once its blob is in place.
+                            current = await self.get(job_id)
+                            expire_at = current.expire_at if current else None
+                            written[need.name] = await self._write_blob(ref, need.data, expire_at)
         except google_exceptions.GoogleAPIError as exc:
             raise StoreUnavailable(f"Firestore transaction failed: {exc}") from exc
         except ValueError as exc:  # the client's "failed to commit in N attempts"
             raise StoreUnavailable(f"Firestore transaction failed: {exc}") from exc
+        raise AssertionError("unreachable: tenacity either returns or reraises")  # pragma: no cover
 
     async def due(self, now: datetime, limit: int) -> list[Job]:
         """Jobs whose `sweep_at` has passed.
@@ -171,6 +187,14 @@ class FirestoreJobStore:
             else:
                 doc[blob] = json.loads(inline) if inline else None
         return Job.from_doc(doc)
+
+
+def _is_contention(exc: BaseException) -> bool:
+    """An aborted transaction: another writer held the document."""
+    if isinstance(exc, google_exceptions.Aborted):
+        return True
+    # The client gives up with a ValueError after its own attempts (async_transaction.py).
+    return isinstance(exc, ValueError) and "Failed to commit transaction" in str(exc)
 
 
 def _encode(
