@@ -220,6 +220,11 @@ class Settings:
                 "REGION_CONCURRENCY_INITIAL",
                 "must lie between REGION_CONCURRENCY_MIN and REGION_CONCURRENCY_MAX",
             )
+        if self.mode is Mode.MEMORY and self.max_pending_jobs > self.memory_max_jobs:
+            raise ConfigError(
+                "MAX_PENDING_JOBS",
+                "must not exceed MEMORY_MAX_JOBS (unfinished jobs are never evicted)",
+            )
         if self.region_cooldown_max_s < self.region_cooldown_initial_s:
             raise ConfigError(
                 "REGION_COOLDOWN_MAX_S", "must not be below REGION_COOLDOWN_INITIAL_S"

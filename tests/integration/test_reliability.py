@@ -90,7 +90,9 @@ def test_capacity_limited_regions_serve_every_job(
     stats = stack.standin_stats()
     calls = stats["total_calls"]
     too_many = sum(r["by_status"].get("429", 0) for r in stats["regions"].values())
-    print(f"\n[{mode}] capacity 3 x 3 regions: {calls} calls for 120 jobs, {too_many / calls:.1%} 429")
+    print(
+        f"\n[{mode}] capacity 3 x 3 regions: {calls} calls for 120 jobs, {too_many / calls:.1%} 429"
+    )
     assert all(r["max_in_flight"] <= 3 for r in stats["regions"].values())
 
 
@@ -153,7 +155,10 @@ def test_job_stored_but_never_published_still_finishes(
         )
         manager = JobManager(store, Lifecycle(lease_s=60, job_ttl_s=3600, publish_grace_s=1))
         job = manager.new_job(
-            job_id=new_job_id(), model=stack.env["MODEL_ID"], region=REGIONS[1], request=prompt(text)
+            job_id=new_job_id(),
+            model=stack.env["MODEL_ID"],
+            region=REGIONS[1],
+            request=prompt(text),
         )
         await store.create(job)
         await store.close()
@@ -217,3 +222,27 @@ def test_soak_mode3_with_faults_and_a_worker_restart(stack_factory: Callable[...
     )
     assert lost == 0
     assert statuses["succeeded"] == jobs
+
+
+def test_backpressure_answers_429_with_retry_after(stack_factory: Callable[..., Stack]) -> None:
+    """Past MAX_PENDING_JOBS unfinished jobs the ingress answers 429 + Retry-After, then recovers."""
+    stack = stack_factory("memory", standin={"default": {"latency_s": 1.5}}, MAX_PENDING_JOBS="2")
+    first = [stack.submit_ok(unique("held")) for _ in range(2)]
+    refused = stack.submit(prompt("one too many"))
+    assert refused.status_code == 429
+    assert refused.json()["error"]["status"] == "RESOURCE_EXHAUSTED"
+    assert int(refused.headers["retry-after"]) >= 1
+    for job_id in first:
+        assert stack.wait(job_id)["status"] == "succeeded"
+    assert stack.submit(prompt("room again")).status_code == 202
+
+
+@pytest.mark.parametrize("mode", ["memory", "pubsub"])
+def test_session_jobs_stay_in_one_region(stack_factory: Callable[..., Stack], mode: str) -> None:
+    """Jobs with the same X-Session-Id are assigned, and served by, one region."""
+    stack = stack_factory(mode)
+    job_ids = [
+        stack.submit_ok(unique("chat"), headers={"X-Session-Id": "user-7"}) for _ in range(5)
+    ]
+    regions = {stack.wait(job_id)["region"] for job_id in job_ids}
+    assert len(regions) == 1

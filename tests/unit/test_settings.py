@@ -74,6 +74,11 @@ def test_mode_follows_what_is_configured(overrides: dict[str, str], mode: Mode) 
         ),
         ({"VERTEX_API_ENDPOINT": "ftp://x"}, "VERTEX_API_ENDPOINT", "not an http(s) URL"),
         ({"LOG_PAYLOADS": "maybe"}, "LOG_PAYLOADS", "boolean"),
+        (
+            {"MAX_PENDING_JOBS": "20", "MEMORY_MAX_JOBS": "10"},
+            "MAX_PENDING_JOBS",
+            "MEMORY_MAX_JOBS",
+        ),
     ],
 )
 def test_bad_setting_names_its_variable(env: dict[str, str], variable: str, words: str) -> None:
