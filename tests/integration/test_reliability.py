@@ -225,7 +225,7 @@ def test_soak_mode3_with_faults_and_a_worker_restart(stack_factory: Callable[...
 
 
 def test_backpressure_answers_429_with_retry_after(stack_factory: Callable[..., Stack]) -> None:
-    """Past MAX_PENDING_JOBS unfinished jobs the ingress answers 429 + Retry-After, then recovers."""
+    """Past MAX_PENDING_JOBS unfinished jobs: 429 with Retry-After, then room again."""
     stack = stack_factory("memory", standin={"default": {"latency_s": 1.5}}, MAX_PENDING_JOBS="2")
     first = [stack.submit_ok(unique("held")) for _ in range(2)]
     refused = stack.submit(prompt("one too many"))
