@@ -20,6 +20,7 @@ from typing import Any
 
 from dispatcher.jobs import Job, JobError
 from dispatcher.lifecycle import ClaimOutcome, JobManager, Progress
+from dispatcher.logs import job_context
 from dispatcher.regions import pinned_region
 from dispatcher.settings import ModelConfig
 from dispatcher.vertex import VertexClient
@@ -62,6 +63,11 @@ class JobExecutor:
         self._requeue_delay_s = requeue_delay_s
         self._active: set[asyncio.Task[Any]] = set()
 
+    @property
+    def running(self) -> int:
+        """Runs in flight in this process."""
+        return len(self._active)
+
     async def wait_idle(self, timeout_s: float) -> None:
         """Wait until no run is in flight (cancelled runs release their job first)."""
         if self._active:
@@ -96,7 +102,8 @@ class JobExecutor:
         assert task is not None
         self._active.add(task)
         try:
-            return await self._execute(job, claim.lease_token, delivery_attempt)
+            with job_context(job.job_id, job.trace):
+                return await self._execute(job, claim.lease_token, delivery_attempt)
         finally:
             self._active.discard(task)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -80,6 +81,18 @@ class FirestoreJobStore:
             if not snapshot.exists:
                 return None
             return await self._decode(ref, snapshot.to_dict() or {})
+        except google_exceptions.GoogleAPIError as exc:
+            raise StoreUnavailable(f"Firestore read failed: {exc}") from exc
+
+    async def get_many(self, job_ids: Sequence[str]) -> dict[str, Job]:
+        """Read several jobs in one batched request."""
+        refs = [self._collection.document(job_id) for job_id in job_ids]
+        try:
+            return {
+                snapshot.id: await self._decode(snapshot.reference, snapshot.to_dict() or {})
+                async for snapshot in self._client.get_all(refs)
+                if snapshot.exists
+            }
         except google_exceptions.GoogleAPIError as exc:
             raise StoreUnavailable(f"Firestore read failed: {exc}") from exc
 

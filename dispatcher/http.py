@@ -10,6 +10,7 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dispatcher import logs
 from dispatcher.errors import ConfigError, InvalidRequest
@@ -35,6 +36,26 @@ STATUS_NAMES = {
 
 class BodyTooLarge(InvalidRequest):
     """The body is larger than allowed."""
+
+
+class TraceMiddleware:
+    """Puts each request's Cloud Logging trace in the log context (pure ASGI)."""
+
+    def __init__(self, app: ASGIApp, project: str) -> None:
+        self._app = app
+        self._project = project
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the request with `logs.current_trace` set from its headers."""
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        token = logs.current_trace.set(logs.trace_name(headers, self._project))
+        try:
+            await self._app(scope, receive, send)
+        finally:
+            logs.current_trace.reset(token)
 
 
 def json_response(

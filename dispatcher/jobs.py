@@ -66,6 +66,8 @@ class Job:
             only the owner may see it.
         idempotency_key: The client's Idempotency-Key, if it sent one.
         request_hash: SHA-256 of the request as submitted (to tell a replay from a conflict).
+        trace: Cloud Logging trace name of the submitting request, so the worker's
+            log lines about the job join the same trace.
     """
 
     job_id: str
@@ -88,6 +90,7 @@ class Job:
     owner: str | None = None
     idempotency_key: str | None = None
     request_hash: str | None = None
+    trace: str | None = None
 
     def to_doc(self) -> JsonObject:
         """The job as a plain mapping for a store; `request`/`result` stay JSON objects."""
@@ -112,6 +115,7 @@ class Job:
             "owner": self.owner,
             "idempotency_key": self.idempotency_key,
             "request_hash": self.request_hash,
+            "trace": self.trace,
         }
 
     @classmethod
@@ -139,6 +143,7 @@ class Job:
             owner=doc.get("owner"),
             idempotency_key=doc.get("idempotency_key"),
             request_hash=doc.get("request_hash"),
+            trace=doc.get("trace"),
         )
 
 

@@ -70,6 +70,16 @@ class JobManager:
         self.store = store
         self.rules = rules
         self._clock = clock
+        self._listeners: list[Callable[[Job], None]] = []
+
+    def on_finished(self, listener: Callable[[Job], None]) -> None:
+        """Call `listener` with each job this process brings to a terminal state."""
+        self._listeners.append(listener)
+
+    def _announce(self, job: Job | None) -> None:
+        if job is not None and job.status.is_terminal:
+            for listener in self._listeners:
+                listener(job)
 
     def new_job(
         self,
@@ -82,6 +92,7 @@ class JobManager:
         owner: str | None = None,
         idempotency_key: str | None = None,
         request_hash: str | None = None,
+        trace: str | None = None,
     ) -> Job:
         """A pending job, stamped with its creation, expiry and sweep times."""
         now = self._clock()
@@ -98,6 +109,7 @@ class JobManager:
             owner=owner,
             idempotency_key=idempotency_key,
             request_hash=request_hash,
+            trace=trace,
         )
 
     async def get(self, job_id: str) -> Job | None:
@@ -119,7 +131,10 @@ class JobManager:
             return changed
 
         job = await self.store.update(job_id, tracked)
-        return job, wrote and job is not None
+        wrote = wrote and job is not None
+        if wrote:
+            self._announce(job)
+        return job, wrote
 
     async def claim(self, job_id: str) -> Claim:
         """Take a job for execution, unless it is finished or leased by another.
@@ -217,6 +232,22 @@ class JobManager:
 
         job, wrote = await self._apply(job_id, abandon)
         return job if wrote else None
+
+    async def cancel(self, job_id: str) -> tuple[Job | None, bool]:
+        """Cancel a job that has not started.
+
+        Returns:
+            The job as it now stands (None if there is none), and whether this call
+            cancelled it (False: it had started or finished already).
+        """
+        now = self._clock()
+
+        def stop(job: Job) -> Job | None:
+            if job.status is not JobStatus.PENDING:
+                return None
+            return _terminal(job, JobStatus.CANCELLED, now, result=None, error=None)
+
+        return await self._apply(job_id, stop)
 
     async def fail_unleased(self, job_id: str, error: JobError) -> Job | None:
         """Fail a job that is pending or whose lease has lapsed (give-up in the sweep)."""

@@ -10,8 +10,19 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
+
+TRACE_FIELD = "logging.googleapis.com/trace"
+# The trace and the job a line is about, set per request or per run.
+current_trace: ContextVar[str | None] = ContextVar("current_trace", default=None)
+current_job: ContextVar[str | None] = ContextVar("current_job", default=None)
+_CLOUD_TRACE = re.compile(r"^([0-9a-fA-F]{32})(?:/|$)")
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 # Attributes every LogRecord has; anything else came in through `extra=`.
 _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {
@@ -33,6 +44,12 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
             "logger": record.name,
         }
+        trace = current_trace.get()
+        if trace:
+            line[TRACE_FIELD] = trace
+        job_id = current_job.get()
+        if job_id:
+            line["job_id"] = job_id
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 line[key] = value
@@ -52,3 +69,28 @@ def configure(level: str) -> None:
     logging.getLogger("uvicorn.access").disabled = True
     # httpx logs every request URL at INFO: one line per Vertex call is noise.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def trace_name(headers: Mapping[str, str], project: str) -> str | None:
+    """The Cloud Logging trace name from `X-Cloud-Trace-Context` or W3C `traceparent`.
+
+    https://cloud.google.com/trace/docs/trace-context: the name is
+    `projects/PROJECT/traces/TRACE_ID`.
+    """
+    for header, pattern in (("x-cloud-trace-context", _CLOUD_TRACE), ("traceparent", _TRACEPARENT)):
+        match = pattern.match(headers.get(header, "")[:256])
+        if match:
+            return f"projects/{project}/traces/{match.group(1).lower()}"
+    return None
+
+
+@contextmanager
+def job_context(job_id: str, trace: str | None) -> Iterator[None]:
+    """Every log line inside names the job and joins its trace."""
+    job_token = current_job.set(job_id)
+    trace_token = current_trace.set(trace or current_trace.get())
+    try:
+        yield
+    finally:
+        current_trace.reset(trace_token)
+        current_job.reset(job_token)

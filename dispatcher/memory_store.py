@@ -9,7 +9,7 @@ than `max_jobs` or once their `expire_at` has passed.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from dispatcher.errors import JobExists
@@ -50,6 +50,11 @@ class MemoryJobStore:
             self._forget(job_id)
             return None
         return job
+
+    async def get_many(self, job_ids: Sequence[str]) -> dict[str, Job]:
+        """The stored jobs among `job_ids`."""
+        found = {job_id: await self.get(job_id) for job_id in job_ids}
+        return {job_id: job for job_id, job in found.items() if job is not None}
 
     async def update(self, job_id: str, change: Change) -> Job | None:
         """Apply `change`; atomic because nothing here awaits."""

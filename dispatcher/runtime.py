@@ -12,21 +12,26 @@ from dataclasses import dataclass
 
 import httpx
 from httpx_aiohttp import AiohttpTransport
+from prometheus_client import CollectorRegistry
 
 from dispatcher.cache import FinishedJobCache
 from dispatcher.executor import JobExecutor
 from dispatcher.lifecycle import JobManager, Lifecycle
 from dispatcher.memory_store import MemoryJobStore
+from dispatcher.metrics import JOBS, build_registry
 from dispatcher.queue import InProcessQueue, JobQueue
 from dispatcher.regions import PoolConfig, RegionPool, RoundRobin
 from dispatcher.settings import Mode, Settings
 from dispatcher.store import JobStore
 from dispatcher.sweeper import Sweeper
 from dispatcher.vertex import Credentials, RetryPolicy, VertexClient
+from dispatcher.watcher import JobWatcher
 
 # Pub/Sub push requests time out at the ack deadline; retries must end well before.
 ACK_DEADLINE_SHARE = 0.8
 SHUTDOWN_RELEASE_S = 3.0
+# How often one batched read looks for jobs finished by other processes (long-poll).
+WATCH_INTERVAL_S = 0.25
 
 
 @dataclass(kw_only=True, slots=True)
@@ -41,6 +46,8 @@ class Runtime:
     pool: RegionPool
     cache: FinishedJobCache
     round_robin: dict[str, RoundRobin]
+    watcher: JobWatcher
+    registry: CollectorRegistry
 
 
 def build_store(settings: Settings) -> JobStore:
@@ -155,6 +162,14 @@ async def open_runtime(settings: Settings, *, executes: bool) -> AsyncIterator[R
                 interval_s=settings.sweep_interval_s,
                 max_deliveries=settings.max_delivery_attempts,
             )
+    manager.on_finished(lambda job: JOBS.labels(job.status.value).inc())
+    watcher = JobWatcher(manager, interval_s=WATCH_INTERVAL_S)
+    in_process_queue = queue if isinstance(queue, InProcessQueue) else None
+    registry = build_registry(
+        pool,
+        queued=lambda: in_process_queue.queued if in_process_queue else 0,
+        running=lambda: executor.running if executor else 0,
+    )
     runtime = Runtime(
         settings=settings,
         manager=manager,
@@ -166,14 +181,18 @@ async def open_runtime(settings: Settings, *, executes: bool) -> AsyncIterator[R
         round_robin={
             model_id: RoundRobin(model.regions) for model_id, model in settings.models.items()
         },
+        watcher=watcher,
+        registry=registry,
     )
     try:
         if queue is not None:
             await queue.start()
         if sweeper is not None:
             sweeper.start()
+        watcher.start()
         yield runtime
     finally:
+        await watcher.stop()
         if sweeper is not None:
             await sweeper.stop()
         if queue is not None:

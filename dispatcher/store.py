@@ -8,7 +8,7 @@ await between read and write. So both stores obey the same rules, tested once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -32,6 +32,14 @@ class JobStore(Protocol):
 
     async def get(self, job_id: str) -> Job | None:
         """The job, or None when there is none.
+
+        Raises:
+            StoreUnavailable: the store could not be reached.
+        """
+        ...
+
+    async def get_many(self, job_ids: Sequence[str]) -> dict[str, Job]:
+        """The jobs that exist among `job_ids`, by id (one round trip where the store allows).
 
         Raises:
             StoreUnavailable: the store could not be reached.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ from tenacity import (
 
 from dispatcher.errors import DispatcherError
 from dispatcher.jobs import JobError, JsonObject
+from dispatcher.metrics import UPSTREAM_CALLS, UPSTREAM_LATENCY
 from dispatcher.regions import Outcome, RegionPool
 
 SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
@@ -244,12 +246,16 @@ class VertexClient:
         slot = await self._pool.acquire(order, avoid=tried)
         tried.append(slot.region)
         failure: VertexError | None = None
+        started = time.perf_counter()
         try:
             return await self._post(model, slot.region, request)
         except VertexError as exc:
             failure = exc
             raise
         finally:
+            UPSTREAM_LATENCY.labels(slot.region).observe(time.perf_counter() - started)
+            outcome = "200" if failure is None else str(failure.error.code)
+            UPSTREAM_CALLS.labels(slot.region, outcome).inc()
             await self._pool.release(slot, health_outcome(failure))
 
     async def _post(self, model: str, region: str, request: JsonObject) -> JsonObject:

@@ -1,0 +1,89 @@
+"""Prometheus metrics of one process, served at `GET /metrics` by both services.
+
+Counters and histograms are updated where things happen (the Vertex client, the
+job manager, the ingress); region health, limits and queue depths are read from
+the live objects at scrape time, so they can never drift.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from dispatcher.regions import Breaker, RegionPool
+
+JOBS = Counter(
+    "dispatcher_jobs",
+    "Jobs that reached a state in this process (accepted at the ingress; terminal states "
+    "where this process finished them).",
+    ["state"],
+    registry=None,  # registered per runtime by `build_registry`
+)
+UPSTREAM_CALLS = Counter(
+    "dispatcher_upstream_calls",
+    "Vertex generateContent calls by region and outcome (HTTP status, or timeout/connection).",
+    ["region", "outcome"],
+    registry=None,  # registered per runtime by `build_registry`
+)
+UPSTREAM_LATENCY = Histogram(
+    "dispatcher_upstream_latency_seconds",
+    "Latency of Vertex calls by region.",
+    ["region"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 60, 120, 300),
+    registry=None,  # registered per runtime by `build_registry`
+)
+_BREAKER_VALUE = {Breaker.CLOSED: 0, Breaker.HALF_OPEN: 1, Breaker.OPEN: 2}
+
+
+def build_registry(
+    pool: RegionPool, *, queued: Callable[[], int], running: Callable[[], int]
+) -> CollectorRegistry:
+    """The registry one service serves: the process's counters and its live state."""
+    registry = CollectorRegistry(auto_describe=True)
+    for collector in (JOBS, UPSTREAM_CALLS, UPSTREAM_LATENCY):
+        registry.register(collector)
+    registry.register(LiveStateCollector(pool, queued=queued, running=running))
+    return registry
+
+
+class LiveStateCollector(Collector):
+    """Region health and work in flight, read from the live objects at each scrape."""
+
+    def __init__(
+        self, pool: RegionPool, *, queued: Callable[[], int], running: Callable[[], int]
+    ) -> None:
+        self._pool = pool
+        self._queued = queued
+        self._running = running
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """Yield the gauges."""
+        health = GaugeMetricFamily(
+            "dispatcher_region_breaker_state",
+            "Circuit breaker per region: 0 closed, 1 half-open, 2 open (cooling down).",
+            labels=["region"],
+        )
+        limit = GaugeMetricFamily(
+            "dispatcher_region_concurrency_limit",
+            "Adaptive limit of Vertex calls in flight per region.",
+            labels=["region"],
+        )
+        in_flight = GaugeMetricFamily(
+            "dispatcher_region_in_flight", "Vertex calls in flight per region.", labels=["region"]
+        )
+        for name, state in sorted(self._pool.snapshot().items()):
+            health.add_metric([name], _BREAKER_VALUE[state.breaker])
+            limit.add_metric([name], state.limit)
+            in_flight.add_metric([name], state.in_flight)
+        yield health
+        yield limit
+        yield in_flight
+        yield GaugeMetricFamily(
+            "dispatcher_jobs_queued", "Jobs waiting in this process's queue.", value=self._queued()
+        )
+        yield GaugeMetricFamily(
+            "dispatcher_jobs_running", "Jobs this process is executing.", value=self._running()
+        )
