@@ -24,13 +24,15 @@ STATUS_NAMES = {
     403: "PERMISSION_DENIED",
     404: "NOT_FOUND",
     405: "METHOD_NOT_ALLOWED",
-    409: "ALREADY_EXISTS",
+    409: "ABORTED",
     411: "LENGTH_REQUIRED",
     413: "PAYLOAD_TOO_LARGE",
     415: "UNSUPPORTED_MEDIA_TYPE",
     429: "RESOURCE_EXHAUSTED",
     500: "INTERNAL",
+    501: "UNIMPLEMENTED",
     503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
 }
 
 
@@ -70,12 +72,51 @@ def json_response(
     )
 
 
-def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
-    """The documented error shape: `{"error": {"code", "status", "message"}}`."""
+def error_response(
+    status: int,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    *,
+    name: str | None = None,
+) -> Response:
+    """The documented error shape, also Google's: `{"error": {"code", "status", "message"}}`.
+
+    Args:
+        status: The HTTP status (and `code`).
+        message: What was wrong, for a person.
+        headers: Extra response headers.
+        name: The canonical status name, when the default for `status` does not fit.
+    """
     body = {
-        "error": {"code": status, "status": STATUS_NAMES.get(status, "UNKNOWN"), "message": message}
+        "error": {
+            "code": status,
+            "status": name or STATUS_NAMES.get(status, "UNKNOWN"),
+            "message": message,
+        }
     }
     return json_response(body, status, headers)
+
+
+class HttpError(Exception):
+    """An error to answer in the documented shape; raised inside request handling."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = dict(headers or {})
+        self.name = name
+
+    def response(self) -> Response:
+        """The error as a response."""
+        return error_response(self.status, self.message, self.headers, name=self.name)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -15,6 +15,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from dispatcher.errors import ConfigError
+from dispatcher.regions import RegionStrategy
 
 _T = TypeVar("_T", int, float)
 _REGION = re.compile(r"^(global|[a-z]+-[a-z]+\d+)$")
@@ -75,6 +76,8 @@ class Settings:
     region_concurrency_min: int = 1
     region_concurrency_max: int = 256
     region_wait_max_s: float = 30.0
+    sync_timeout_s: float = 300.0
+    region_strategy: RegionStrategy = RegionStrategy.ADAPTIVE
     log_level: str = "INFO"
     log_payloads: bool = False
 
@@ -195,6 +198,15 @@ class Settings:
                 "REGION_CONCURRENCY_MAX", int, 256, low=1, high=100_000
             ),
             region_wait_max_s=reader.number("REGION_WAIT_MAX_S", float, 30.0, low=0.0, high=3600),
+            sync_timeout_s=reader.number("SYNC_TIMEOUT_S", float, 300.0, low=1.0, high=3600),
+            region_strategy=RegionStrategy(
+                reader.choice(
+                    "REGION_STRATEGY",
+                    tuple(RegionStrategy),
+                    RegionStrategy.ADAPTIVE,
+                    upper=False,
+                )
+            ),
             log_level=reader.choice(
                 "LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", upper=True
             ),
