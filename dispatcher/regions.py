@@ -4,8 +4,16 @@
 a job really runs: each region has a circuit breaker (closed → open for a
 cooldown that doubles while it keeps failing → half-open, one probe → closed on
 success) and an adaptive concurrency limit (additive increase on success,
-multiplicative decrease on 429, once per round of calls, as TCP does). A call
-waits for a slot in a healthy region, bounded, instead of bouncing off a full one.
+multiplicative decrease on 429, once per round of calls, as TCP does; near the
+limit where the last 429 came, growth slows down, as TCP CUBIC's does near its last
+window, and a 429 there again steps back by one call only, so the limit dwells at
+the region's capacity instead of saw-toothing below it). A call waits for a slot in a healthy region, bounded, instead of bouncing off a
+full one.
+
+`RegionStrategy.NAIVE` switches all of that off and behaves like the example the
+project grew from: every call goes to the job's assigned region, with no limit and
+no breaker, and the retries of a job stay there (with backoff). It exists as the
+baseline of the benchmarks (BENCHMARKS.md), not for production.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import contextlib
 import enum
 import hashlib
 import itertools
+import math
 import random
 import re
 import time
@@ -39,6 +48,13 @@ def session_region(regions: Sequence[str], session_id: str) -> str:
     """A stable region for a session id, the same on every instance."""
     digest = hashlib.sha256(session_id.encode()).digest()
     return regions[int.from_bytes(digest[:8], "big") % len(regions)]
+
+
+class RegionStrategy(enum.StrEnum):
+    """How calls are spread over regions (`REGION_STRATEGY`)."""
+
+    ADAPTIVE = "adaptive"  # breakers, adaptive limits; a retry moves to the next healthy region
+    NAIVE = "naive"  # no breaker, no limit; every call and retry goes to the assigned region
 
 
 class Breaker(enum.StrEnum):
@@ -69,7 +85,10 @@ class PoolConfig:
     concurrency_min: int = 1
     concurrency_max: int = 256
     decrease_factor: float = 0.7
+    # Within one call of the limit where the last 429 came, grow this many times slower.
+    near_ceiling_slowdown: float = 8.0
     wait_max_s: float = 30.0
+    strategy: RegionStrategy = RegionStrategy.ADAPTIVE
 
 
 @dataclass(kw_only=True, slots=True)
@@ -85,6 +104,7 @@ class RegionState:
     open_until: float = 0.0
     probing: bool = False
     slow_start: bool = True
+    ceiling: float = math.inf  # the limit when the last 429 came
     epoch: int = 0  # bumped at each decrease; calls from an older epoch do not decrease again
     calls_by_outcome: dict[str, int] = field(default_factory=dict)
 
@@ -119,6 +139,11 @@ class RegionPool:
         """Every region seen so far, by name."""
         return dict(self._regions)
 
+    @property
+    def retries_move(self) -> bool:
+        """Whether a retry may go to another region (False: it stays in the assigned one)."""
+        return self._config.strategy is RegionStrategy.ADAPTIVE
+
     async def acquire(
         self,
         candidates: Sequence[str],
@@ -130,13 +155,19 @@ class RegionPool:
 
         Regions in `avoid` (those that just failed this job) are used only when no
         other is usable. When none is usable within the wait bound, the region
-        whose cooldown ends first is called anyway, as a probe.
+        whose cooldown ends first is called anyway, as a probe. With the naive
+        strategy, the first candidate at once.
 
         Args:
             candidates: Regions in order of preference.
             avoid: Regions to pass over while another is usable.
             deadline_s: How long to wait at most (default: the configured bound).
         """
+        if self._config.strategy is RegionStrategy.NAIVE:
+            # No limit, no health: the first candidate (the job's region), at once.
+            state = self.state(candidates[0])
+            state.in_flight += 1
+            return Slot(region=state.name, epoch=state.epoch, probe=False)
         wait_s = self._config.wait_max_s if deadline_s is None else deadline_s
         give_up_at = self._clock() + wait_s
         async with self._changed:
@@ -158,6 +189,8 @@ class RegionPool:
         state = self.state(slot.region)
         state.in_flight = max(0, state.in_flight - 1)
         state.calls_by_outcome[outcome.value] = state.calls_by_outcome.get(outcome.value, 0) + 1
+        if self._config.strategy is RegionStrategy.NAIVE:
+            return  # nothing is learnt, and nobody waits
         if slot.probe:
             state.probing = False
         config = self._config
@@ -165,16 +198,30 @@ class RegionPool:
             state.breaker = Breaker.CLOSED
             state.failures = 0
             state.cooldown_s = 0.0
-            step = 1.0 if state.slow_start else 1.0 / max(state.limit, 1.0)
+            if state.slow_start:
+                step = 1.0
+            elif abs(state.limit - state.ceiling) < 1.0:
+                # Near the last overload: the region's capacity is probably here, so
+                # stay (and probe slowly) rather than overshoot again at once.
+                step = 1.0 / (max(state.limit, 1.0) * config.near_ceiling_slowdown)
+            else:
+                step = 1.0 / max(state.limit, 1.0)
             state.limit = min(float(config.concurrency_max), state.limit + step)
         elif outcome is Outcome.OVERLOADED:
-            state.failures += 1
             if slot.epoch == state.epoch:
+                # The first 429 of a round: the calls started with it saw the same full
+                # region, so they count once, for the limit and for the breaker.
+                state.failures += 1
                 state.slow_start = False
                 state.epoch += 1
-                state.limit = max(
-                    float(config.concurrency_min), state.limit * config.decrease_factor
-                )
+                if abs(state.limit - state.ceiling) < 1.0:
+                    # Where the last 429 came too: the capacity has not moved, this was
+                    # the slow probe above it. Step back below it, not far down.
+                    decreased = state.limit - 1.0
+                else:
+                    decreased = state.limit * config.decrease_factor
+                state.ceiling = state.limit
+                state.limit = max(float(config.concurrency_min), decreased)
             if slot.probe or state.failures >= config.overloads_to_open:
                 self._open(state)
         elif outcome is Outcome.FAILED:

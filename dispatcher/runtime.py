@@ -103,6 +103,7 @@ async def open_runtime(settings: Settings, *, executes: bool) -> AsyncIterator[R
             concurrency_min=settings.region_concurrency_min,
             concurrency_max=settings.region_concurrency_max,
             wait_max_s=settings.region_wait_max_s,
+            strategy=settings.region_strategy,
         )
     )
     http = build_http_client(settings)

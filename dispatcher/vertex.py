@@ -210,7 +210,8 @@ class VertexClient:
         Returns:
             The report: the response, or the last error, and every region called.
         """
-        order = _rotate(regions, preferred)
+        # REGION_STRATEGY=naive keeps every retry in the job's region (the benchmark baseline).
+        order = _rotate(regions, preferred) if self._pool.retries_move else [preferred]
         tried = [] if tried is None else tried
         policy = self._policy
         # Exponential from the initial delay, capped, plus up to one initial delay of jitter.

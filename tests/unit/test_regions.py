@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 
+import httpx
 import pytest
 
+from dispatcher.errors import ConfigError
 from dispatcher.regions import (
     Breaker,
     Outcome,
     PoolConfig,
     RegionPool,
+    RegionStrategy,
     RoundRobin,
     pinned_region,
     session_region,
 )
+from dispatcher.settings import Settings
+from dispatcher.vertex import RetryPolicy, VertexClient
 
 REGIONS = ("a-east1", "b-west1", "c-north1")
 
@@ -148,3 +154,86 @@ async def test_all_regions_cooling_waits_then_probes() -> None:
         await pool.release(await pool.acquire([region]), Outcome.FAILED)
     slot = await asyncio.wait_for(pool.acquire(REGIONS), 2)
     assert slot.region in REGIONS
+
+
+# -- REGION_STRATEGY=naive: the benchmark baseline (the original example's behaviour) --
+
+
+def naive_pool() -> RegionPool:
+    """A pool with the naive strategy and limits that the adaptive one would enforce."""
+    return RegionPool(
+        PoolConfig(concurrency_initial=1, cooldown_initial_s=60, strategy=RegionStrategy.NAIVE)
+    )
+
+
+async def test_naive_pool_ignores_limits_and_never_waits() -> None:
+    """Naive: every acquire returns the first candidate at once, however many are in flight."""
+    pool = naive_pool()
+    slots = [await asyncio.wait_for(pool.acquire(REGIONS), 0.1) for _ in range(5)]
+    assert {slot.region for slot in slots} == {"a-east1"}
+    assert pool.state("a-east1").in_flight == 5
+    assert not pool.retries_move
+
+
+async def test_naive_pool_has_no_breaker_and_ignores_avoid() -> None:
+    """Naive: failures and 429s neither open a breaker nor lower a limit; `avoid` is ignored."""
+    pool = naive_pool()
+    for outcome in (Outcome.FAILED, Outcome.OVERLOADED, Outcome.OVERLOADED, Outcome.OVERLOADED):
+        await pool.release(await pool.acquire(REGIONS), outcome)
+    state = pool.state("a-east1")
+    assert state.breaker is Breaker.CLOSED
+    assert state.limit == 1
+    assert state.in_flight == 0
+    assert (await pool.acquire(REGIONS, avoid=["a-east1"])).region == "a-east1"
+
+
+def test_adaptive_is_the_default_strategy(settings_factory: Callable[..., Settings]) -> None:
+    """REGION_STRATEGY defaults to adaptive, accepts naive and names itself on a bad value."""
+    assert settings_factory().region_strategy is RegionStrategy.ADAPTIVE
+    assert RegionPool(PoolConfig()).retries_move
+    assert settings_factory(REGION_STRATEGY="naive").region_strategy is RegionStrategy.NAIVE
+    with pytest.raises(ConfigError, match="REGION_STRATEGY"):
+        settings_factory(REGION_STRATEGY="round-robin")
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expected_regions"),
+    [
+        (RegionStrategy.NAIVE, ["a-east1"] * 4),
+        (RegionStrategy.ADAPTIVE, ["a-east1", "b-west1"]),
+    ],
+)
+async def test_retries_stay_in_the_assigned_region_only_when_naive(
+    strategy: RegionStrategy, expected_regions: list[str]
+) -> None:
+    """Naive retries a 429 in the job's own region (with backoff); adaptive moves on."""
+    calls: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        region = request.url.path.split("/locations/")[1].split("/")[0]
+        calls.append(region)
+        if region == "a-east1":
+            return httpx.Response(
+                429, json={"error": {"code": 429, "status": "RESOURCE_EXHAUSTED"}}
+            )
+        return httpx.Response(200, json={"candidates": []})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
+        client = VertexClient(
+            http,
+            project="p",
+            pool=RegionPool(PoolConfig(strategy=strategy)),
+            policy=RetryPolicy(
+                max_retries=3,
+                backoff_initial_s=0.001,
+                backoff_max_s=0.002,
+                attempt_timeout_s=5,
+                budget_s=30,
+            ),
+            endpoint="http://standin.test",
+        )
+        report = await client.generate(
+            model="m", request={"contents": []}, regions=REGIONS, preferred="a-east1"
+        )
+    assert calls == expected_regions
+    assert list(report.regions) == expected_regions
