@@ -159,7 +159,13 @@ class JobExecutor:
         error = report.error.error
         deliveries = max(job.deliveries, delivery_attempt or 0)
         if not report.error.transient or deliveries >= self._max_deliveries:
-            finished = await self._manager.fail(job.job_id, token, error=error, progress=progress)
+            # The region that gave the final answer, as for a success.
+            final = Progress(
+                calls=report.calls,
+                regions=report.regions,
+                served_by=report.regions[-1] if report.regions else None,
+            )
+            finished = await self._manager.fail(job.job_id, token, error=error, progress=final)
             log.warning(
                 "job failed",
                 extra={
