@@ -7,8 +7,8 @@ success) and an adaptive concurrency limit (additive increase on success,
 multiplicative decrease on 429, once per round of calls, as TCP does; near the
 limit where the last 429 came, growth slows down, as TCP CUBIC's does near its last
 window, and a 429 there again steps back by one call only, so the limit dwells at
-the region's capacity instead of saw-toothing below it). A call waits for a slot in a healthy region, bounded, instead of bouncing off a
-full one.
+the region's capacity instead of saw-toothing below it). A call waits for a slot
+in a healthy region, bounded, instead of bouncing off a full one.
 
 `RegionStrategy.NAIVE` switches all of that off and behaves like the example the
 project grew from: every call goes to the job's assigned region, with no limit and

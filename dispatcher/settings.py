@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from dispatcher.auth import GOOGLE_CERTS_URL, ApiKeyStore
 from dispatcher.errors import ConfigError
 from dispatcher.regions import RegionStrategy
 
@@ -80,6 +81,10 @@ class Settings:
     region_strategy: RegionStrategy = RegionStrategy.ADAPTIVE
     log_level: str = "INFO"
     log_payloads: bool = False
+    push_audience: str | None = None
+    push_service_account: str | None = None
+    push_certs_url: str = GOOGLE_CERTS_URL
+    api_keys: ApiKeyStore | None = None
 
     @property
     def mode(self) -> Mode:
@@ -211,6 +216,10 @@ class Settings:
                 "LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", upper=True
             ),
             log_payloads=reader.flag("LOG_PAYLOADS", default=False),
+            push_audience=reader.optional("PUSH_AUDIENCE"),
+            push_service_account=reader.optional("PUSH_SERVICE_ACCOUNT"),
+            push_certs_url=_certs_url(reader.optional("PUSH_CERTS_URL")),
+            api_keys=_api_keys(reader.optional("API_KEYS_FILE")),
         )
         settings.check_consistency()
         return settings
@@ -241,6 +250,13 @@ class Settings:
             raise ConfigError(
                 "REGION_COOLDOWN_MAX_S", "must not be below REGION_COOLDOWN_INITIAL_S"
             )
+        if bool(self.push_audience) != bool(self.push_service_account):
+            missing = "PUSH_SERVICE_ACCOUNT" if self.push_audience else "PUSH_AUDIENCE"
+            raise ConfigError(
+                missing, "PUSH_AUDIENCE and PUSH_SERVICE_ACCOUNT are set together or not at all"
+            )
+        if self.push_service_account is not None and not _EMAIL.match(self.push_service_account):
+            raise ConfigError("PUSH_SERVICE_ACCOUNT", "is not a service account's email")
 
 
 def _parse_model_config(raw: str) -> dict[str, ModelConfig]:
@@ -326,3 +342,26 @@ class _Reader:
         if value not in options:
             raise ConfigError(name, f"{raw!r} is not one of {', '.join(options)}")
         return value
+
+
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _certs_url(raw: str | None) -> str:
+    """PUSH_CERTS_URL: https, or http on loopback only (tests' certificate server)."""
+    if raw is None:
+        return GOOGLE_CERTS_URL
+    parts = urlsplit(raw)
+    if parts.scheme == "https" and parts.netloc:
+        return raw
+    if parts.scheme == "http" and parts.hostname in _LOOPBACK_HOSTS:
+        return raw
+    raise ConfigError(
+        "PUSH_CERTS_URL", f"{raw!r} must be an https URL (plain http only on loopback)"
+    )
+
+
+def _api_keys(path: str | None) -> ApiKeyStore | None:
+    """API_KEYS_FILE: read once at start-up; None leaves API keys off."""
+    return None if path is None else ApiKeyStore.load(path)

@@ -17,6 +17,8 @@ from dispatcher.http import TraceMiddleware, error_response, internal_error
 from dispatcher.runtime import Runtime, open_runtime
 from dispatcher.settings import Mode, Settings
 from ingress.jobs_api import cancel_job, job_status, submit
+from ingress.openapi import openapi
+from ingress.security import security_middleware
 from ingress.vertex_api import vertex_generate
 
 log = logging.getLogger("ingress")
@@ -44,8 +46,12 @@ def create_app(settings: Settings) -> Starlette:
             Route(VERTEX_PATH, vertex_generate, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
+            Route("/openapi.json", openapi, methods=["GET"]),
         ],
-        middleware=[Middleware(TraceMiddleware, project=settings.project)],
+        middleware=[
+            *security_middleware(settings),
+            Middleware(TraceMiddleware, project=settings.project),
+        ],
         lifespan=lifespan,
         exception_handlers={404: _not_found, 405: _not_allowed, Exception: internal_error},
     )

@@ -4,6 +4,11 @@ Answers 2xx when the job needs nothing more (succeeded, failed for good and
 recorded, already finished, or a message that can never be run), and 503 only
 when a redelivery should retry it, because every nack slows push delivery for
 the whole subscription (https://cloud.google.com/pubsub/docs/push#push_backoff).
+
+With PUSH_AUDIENCE and PUSH_SERVICE_ACCOUNT set, a push must carry Pub/Sub's OIDC
+token for them before its body is even read: 401 for a missing or invalid token,
+403 for a valid token of another account (both are nacks, so a misconfigured
+subscription retries and dead-letters rather than losing messages).
 """
 
 from __future__ import annotations
@@ -13,11 +18,13 @@ import json
 import logging
 from collections.abc import AsyncIterator
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from dispatcher.auth import AuthError, PushVerifier
 from dispatcher.errors import InvalidRequest, StoreUnavailable
 from dispatcher.executor import RunResult
 from dispatcher.http import (
@@ -37,33 +44,66 @@ MAX_ENVELOPE_BYTES = 64 * 1024  # the ingress publishes ids, not requests
 
 def create_app(settings: Settings) -> Starlette:
     """The worker ASGI app."""
+    verifier = push_verifier(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if verifier is None:
+            log.warning(
+                "PUSH AUTHENTICATION IS OFF: anyone who can reach this service can make it "
+                "run jobs. Set PUSH_AUDIENCE and PUSH_SERVICE_ACCOUNT (the push "
+                "subscription's --push-auth-token-audience and --push-auth-service-account)."
+            )
+        else:
+            log.info(
+                "push authentication on",
+                extra={"audience": verifier.audience, "service_account": verifier.service_account},
+            )
         async with open_runtime(settings, executes=True) as runtime:
             app.state.runtime = runtime
             log.info("worker ready", extra={"mode": settings.mode.value})
             yield
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/", push, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
         ],
         lifespan=lifespan,
         exception_handlers={Exception: internal_error},
+    )
+    app.state.push_verifier = verifier
+    return app
+
+
+def push_verifier(settings: Settings) -> PushVerifier | None:
+    """The push token checker the settings ask for; None when push auth is off."""
+    if settings.push_audience is None or settings.push_service_account is None:
+        return None
+    return PushVerifier(
+        audience=settings.push_audience,
+        service_account=settings.push_service_account,
+        certs_url=settings.push_certs_url,
     )
 
 
 async def push(request: Request) -> Response:
     """POST /: one Pub/Sub push delivery."""
+    verifier: PushVerifier | None = request.app.state.push_verifier
+    if verifier is not None:
+        try:
+            await verifier.verify(request.headers.get("authorization"))
+        except AuthError as exc:
+            return _refused(exc)
     runtime: Runtime = request.app.state.runtime
     assert runtime.executor is not None
     try:
         envelope = json.loads(await read_body(request, MAX_ENVELOPE_BYTES))
         delivery = parse_push(envelope)
-    except (BodyTooLarge, InvalidRequest, ValueError) as exc:
+    except (BodyTooLarge, InvalidRequest, ValueError, RecursionError) as exc:
         # Redelivering a message that can never be read would loop forever: ack it.
+        # (ValueError covers bad UTF-8 and JSON; RecursionError, JSON nested too deep.)
         log.error("malformed push request acknowledged", extra={"reason": str(exc)[:300]})
         return json_response({"acknowledged": True, "reason": str(exc)[:300]}, 200)
     try:
@@ -86,3 +126,18 @@ async def push(request: Request) -> Response:
 async def healthz(request: Request) -> Response:
     """GET /healthz: the process is up."""
     return PlainTextResponse("ok")
+
+
+async def metrics(request: Request) -> Response:
+    """GET /metrics: Prometheus text format (the README documents it on both services)."""
+    runtime: Runtime = request.app.state.runtime
+    return Response(generate_latest(runtime.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _refused(exc: AuthError) -> Response:
+    """A push that failed authentication: logged without its token, answered in shape."""
+    log.warning("push refused", extra={"reason": str(exc), "http_status": exc.http_status})
+    if exc.http_status == 503:
+        return error_response(503, f"cannot check push tokens now: {exc}", {"Retry-After": "10"})
+    headers = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+    return error_response(exc.http_status, f"push authentication failed: {exc}", headers)
