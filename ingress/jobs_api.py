@@ -30,11 +30,9 @@ from dispatcher.metrics import JOBS
 from dispatcher.regions import pinned_region, session_region
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Mode
-from dispatcher.validation import parse_request
+from dispatcher.validation import MAX_IDEMPOTENCY_KEY_CHARS, MAX_SESSION_ID_CHARS, parse_request
 
 log = logging.getLogger("ingress")
-MAX_SESSION_ID = 128
-MAX_IDEMPOTENCY_KEY = 256
 MAX_WAIT_S = 60.0
 
 
@@ -261,8 +259,8 @@ def _route(runtime: Runtime, body: dict[str, Any], session_id: str | None) -> tu
             )
         return model_id, pinned
     if session_id:
-        if len(session_id) > MAX_SESSION_ID:
-            raise InvalidRequest(f"X-Session-Id: longer than {MAX_SESSION_ID} characters")
+        if len(session_id) > MAX_SESSION_ID_CHARS:
+            raise InvalidRequest(f"X-Session-Id: longer than {MAX_SESSION_ID_CHARS} characters")
         return model_id, session_region(regions, session_id)
     return model_id, runtime.round_robin[model_id].assign_region()
 
@@ -271,9 +269,9 @@ def _idempotency_key(request: Request) -> str | None:
     key = request.headers.get("idempotency-key")
     if key is None:
         return None
-    if not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY_CHARS or not key.isprintable():
         raise InvalidRequest(
-            f"Idempotency-Key: 1 to {MAX_IDEMPOTENCY_KEY} printable characters",
+            f"Idempotency-Key: 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable characters",
             field="Idempotency-Key",
         )
     return key
