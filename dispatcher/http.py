@@ -8,8 +8,9 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dispatcher import logs
@@ -136,6 +137,17 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise BodyTooLarge(f"body is over the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def healthz(request: Request) -> Response:
+    """GET /healthz: the process is up."""
+    return PlainTextResponse("ok")
+
+
+async def metrics(request: Request) -> Response:
+    """GET /metrics: this process's Prometheus metrics (`runtime.registry`), text format."""
+    registry = request.app.state.runtime.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:

@@ -6,15 +6,14 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
-from dispatcher.http import TraceMiddleware, error_response, internal_error
-from dispatcher.runtime import Runtime, open_runtime
+from dispatcher.http import TraceMiddleware, error_response, healthz, internal_error, metrics
+from dispatcher.runtime import open_runtime
 from dispatcher.settings import Mode, Settings
 from ingress.jobs_api import cancel_job, job_status, submit
 from ingress.openapi import openapi
@@ -55,17 +54,6 @@ def create_app(settings: Settings) -> Starlette:
         lifespan=lifespan,
         exception_handlers={404: _not_found, 405: _not_allowed, Exception: internal_error},
     )
-
-
-async def healthz(request: Request) -> Response:
-    """GET /healthz: the process is up."""
-    return PlainTextResponse("ok")
-
-
-async def metrics(request: Request) -> Response:
-    """GET /metrics: Prometheus text format."""
-    runtime: Runtime = request.app.state.runtime
-    return Response(generate_latest(runtime.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:

@@ -18,10 +18,9 @@ import json
 import logging
 from collections.abc import AsyncIterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from dispatcher.auth import AuthError, PushVerifier
@@ -30,8 +29,10 @@ from dispatcher.executor import RunResult
 from dispatcher.http import (
     BodyTooLarge,
     error_response,
+    healthz,
     internal_error,
     json_response,
+    metrics,
     read_body,
 )
 from dispatcher.pubsub import parse_push
@@ -121,17 +122,6 @@ async def push(request: Request) -> Response:
             {"Retry-After": str(int(outcome.retry_after_s) or 1)},
         )
     return json_response({"job_id": delivery.job_id, "status": status}, 200)
-
-
-async def healthz(request: Request) -> Response:
-    """GET /healthz: the process is up."""
-    return PlainTextResponse("ok")
-
-
-async def metrics(request: Request) -> Response:
-    """GET /metrics: Prometheus text format (the README documents it on both services)."""
-    runtime: Runtime = request.app.state.runtime
-    return Response(generate_latest(runtime.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def _refused(exc: AuthError) -> Response:
