@@ -1,0 +1,455 @@
+"""Writes BENCHMARKS.md and the PNG charts beside it (docs/benchmarks/) from one run.
+
+The hand-written part of BENCHMARKS.md (between the notes markers) is kept across runs;
+everything else is regenerated.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+from tests.benchmarks.harness import (
+    AddedLatency,
+    GoodputResult,
+    MemoryResult,
+    PushRate,
+    WrkResult,
+    git_revision,
+    machine,
+    per_second,
+)
+
+ROOT: Final = Path(__file__).resolve().parents[2]
+REPORT: Final = ROOT / "BENCHMARKS.md"
+CHARTS: Final = ROOT / "docs" / "benchmarks"
+COMMAND: Final = "bash tests/benchmarks/run.sh"
+NOTES_START: Final = "<!-- notes:start -->"
+NOTES_END: Final = "<!-- notes:end -->"
+MODE_NAMES: Final = {"memory": "mode 1", "pubsub": "mode 3"}
+
+
+@dataclass
+class Results:
+    """Everything one benchmark invocation measured."""
+
+    started: datetime = field(default_factory=lambda: datetime.now(UTC))
+    load_before: str = ""
+    duration_s: float = 0.0
+    capacity: str = ""
+    goodput: list[GoodputResult] = field(default_factory=list)
+    push_rates: list[PushRate] = field(default_factory=list)
+    region_down: list[GoodputResult] = field(default_factory=list)
+    healthy_for_down: GoodputResult | None = None
+    wrk: list[WrkResult] = field(default_factory=list)
+    added: list[AddedLatency] = field(default_factory=list)
+    memory: MemoryResult | None = None
+    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def healthy(self, mode: str = "memory") -> GoodputResult | None:
+        """The default strategy's run in `mode`, if it ran."""
+        return next((r for r in self.goodput if r.mode == mode and r.strategy == "default"), None)
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load average (other work on the machine skews the figures)."""
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
+
+
+# -- charts ---------------------------------------------------------------------------------
+
+
+def write_charts(results: Results, charts: Path = CHARTS) -> list[str]:
+    """Draw the charts; returns their file names (none without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    charts.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+    if results.goodput:
+        for name, status, title in (
+            ("goodput-successes.png", 200, "successful calls per second, per region"),
+            ("goodput-429s.png", 429, "calls answered 429 per second, per region"),
+        ):
+            modes = [m for m in MODE_NAMES if any(r.mode == m for r in results.goodput)]
+            strategies = list(dict.fromkeys(r.strategy for r in results.goodput))
+            fig, axes = plt.subplots(
+                len(strategies),
+                len(modes),
+                figsize=(6.5 * len(modes), 2.6 * len(strategies)),
+                squeeze=False,
+            )
+            for row, strategy in enumerate(strategies):
+                for col, mode in enumerate(modes):
+                    ax = axes[row][col]
+                    run = next(
+                        (r for r in results.goodput if r.mode == mode and r.strategy == strategy),
+                        None,
+                    )
+                    if run is None:
+                        ax.set_visible(False)
+                        continue
+                    series = per_second(run.calls_log, status=status)
+                    for region, points in sorted(series.items()):
+                        ax.plot([t for t, _ in points], [v for _, v in points], label=region, lw=1)
+                    if not series:
+                        ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes)
+                    ax.set_title(f"{MODE_NAMES[mode]}: {run.label}", fontsize=9)
+                    ax.set_xlabel("s since the first submission", fontsize=8)
+                    ax.tick_params(labelsize=8)
+                    ax.grid(alpha=0.3)
+                    if row == 0 and col == 0:
+                        ax.legend(fontsize=7)
+            fig.suptitle(title)
+            fig.tight_layout()
+            fig.savefig(charts / name, dpi=90)
+            plt.close(fig)
+            written.append(name)
+    if results.region_down:
+        run = results.region_down[0]
+        fig, ax = plt.subplots(figsize=(8, 3.2))
+        for region, points in sorted(per_second(run.calls_log, status=200).items()):
+            ax.plot([t for t, _ in points], [v for _, v in points], label=f"{region} 200", lw=1)
+        for region, points in sorted(per_second(run.calls_log, status=503).items()):
+            ax.plot([t for t, _ in points], [v for _, v in points], "--", label=f"{region} 503")
+        if run.outage:
+            ax.axvspan(*run.outage, color="red", alpha=0.1, label="region answering 503")
+        ax.set_title(f"mode 1, default strategy, one region down: {run.jobs} jobs")
+        ax.set_xlabel("s since the first submission")
+        ax.set_ylabel("calls per second")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(charts / "region-down.png", dpi=90)
+        plt.close(fig)
+        written.append("region-down.png")
+    if results.memory is not None:
+        memory = results.memory
+        fig, ax = plt.subplots(figsize=(6.5, 3.2))
+        ax.plot([n for n, _ in memory.samples], [r for _, r in memory.samples], marker="o")
+        ax.axvline(memory.memory_max_jobs, color="grey", ls="--", label="MEMORY_MAX_JOBS")
+        ax.set_xlabel("finished jobs")
+        ax.set_ylabel("ingress RSS (MiB)")
+        ax.set_ylim(bottom=0)
+        ax.set_title("mode 1: ingress resident memory")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(charts / "memory.png", dpi=90)
+        plt.close(fig)
+        written.append("memory.png")
+    return written
+
+
+# -- targets --------------------------------------------------------------------------------
+
+
+def wasted(run: GoodputResult) -> int:
+    """Upstream calls beyond the one successful call each job needs."""
+    return run.calls - run.calls_by_status.get("200", 0)
+
+
+def targets(results: Results) -> list[tuple[str, str, bool | None]]:
+    """(target, measured, met) for each target of the issue; met None when not measured."""
+    rows: list[tuple[str, str, bool | None]] = []
+    default = results.healthy("memory")
+    baselines = [r for r in results.goodput if r.mode == "memory" and r.strategy != "default"]
+    if default is not None:
+        rows.append(
+            (
+                "mode 1: goodput >= 0.90 of the limit",
+                f"{default.goodput:.2f}",
+                default.goodput >= 0.9,
+            )
+        )
+        rows.append(
+            (
+                "mode 1: <= 5 % of upstream calls answered 429",
+                f"{default.share_429:.1%}",
+                default.share_429 <= 0.05,
+            )
+        )
+        if baselines:
+            runs = [default, *baselines]
+            faster = all(default.completion_s < b.completion_s for b in baselines)
+            leaner = all(wasted(default) < wasted(b) for b in baselines)
+            rows.append(
+                (
+                    "default beats both baselines on completion time",
+                    ", ".join(
+                        f"{r.strategy} {r.completion_s:.1f} s" for r in [default, *baselines]
+                    ),
+                    faster,
+                )
+            )
+            rows.append(
+                (
+                    "default beats both baselines on wasted calls",
+                    ", ".join(f"{r.strategy} {wasted(r)}" for r in runs),
+                    leaner,
+                )
+            )
+    if results.region_down:
+        down = results.region_down[0]
+        healthy = results.healthy_for_down
+        rows.append(("one region down: 0 jobs lost", str(down.lost), down.lost == 0))
+        if healthy is not None:
+            ratio = down.completion_s / healthy.completion_s
+            rows.append(
+                ("one region down: completion <= 1.5x healthy", f"{ratio:.2f}x", ratio <= 1.5)
+            )
+    post = [w for w in results.wrk if w.mode == "memory" and w.endpoint == "POST /generate"]
+    if post:
+        paced = [w for w in post if "paced" in w.load]
+        for w in post:
+            if "paced" in w.load:
+                continue
+            rows.append(
+                (
+                    f"mode 1: >= 1,000 POST /generate per second, one process ({w.load})",
+                    f"{w.rate_per_s:,.0f}/s, p99 {w.p99_ms:.1f} ms",
+                    w.rate_per_s >= 1000,
+                )
+            )
+        if paced:
+            at = paced[0]
+            rows.append(
+                (
+                    "mode 1: p99 <= 10 ms at 1,000 POST/s",
+                    f"p99 {at.p99_ms:.1f} ms at {at.rate_per_s:,.0f}/s",
+                    at.p99_ms <= 10 and at.rate_per_s >= 950,
+                )
+            )
+    if results.memory is not None:
+        memory = results.memory
+        at_bound = next(
+            (r for n, r in memory.samples if n >= memory.memory_max_jobs), memory.rss_end_mib
+        )
+        growth = memory.rss_end_mib - at_bound
+        rows.append(
+            (
+                "memory: no growth past MEMORY_MAX_JOBS",
+                f"{at_bound:.0f} MiB at {memory.memory_max_jobs:,} jobs, "
+                f"{memory.rss_end_mib:.0f} MiB at {memory.jobs:,} ({growth:+.0f} MiB)",
+                growth <= 0.05 * at_bound,
+            )
+        )
+    return rows
+
+
+# -- markdown -------------------------------------------------------------------------------
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds:.2f}"
+
+
+def _cpu(cpu: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.1f}" for name, value in cpu.items())
+
+
+def render(results: Results, charts: list[str], notes: str) -> str:
+    """BENCHMARKS.md as text."""
+    lines: list[str] = [
+        "# Benchmarks",
+        "",
+        f"Generated by `{COMMAND}` (the suite in `tests/benchmarks/`, about 10 minutes on 2",
+        "cores); everything but the notes at the end is rewritten by each run. Real processes",
+        "on loopback: the ingress, the worker (mode 3), the Vertex stand-in",
+        "(`dispatcher/devtools/vertex_standin.py`) and, in mode 3, the Firestore and Pub/Sub",
+        "emulators. Every service runs with its default settings unless a row says otherwise.",
+        "",
+        "| date | machine | command | commit | load average before (1/5/15 min) | took |",
+        "|---|---|---|---|---|---|",
+        f"| {results.started:%Y-%m-%d %H:%M} UTC | {machine()} | `{COMMAND}` | "
+        f"{git_revision()} | {results.load_before} | {results.duration_s / 60:.1f} min |",
+        "",
+    ]
+    if results.skipped:
+        lines += ["Not run in this invocation:", ""]
+        lines += [f"- {what}: {why}" for what, why in results.skipped.items()]
+        lines.append("")
+    rows = targets(results)
+    if rows:
+        lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
+        for target, measured, met in rows:
+            verdict = "not measured" if met is None else ("yes" if met else "**no**")
+            lines.append(f"| {target} | {measured} | {verdict} |")
+        lines += ["", "Why a target is missed, and what was changed, is in the notes below.", ""]
+    if results.goodput:
+        lines += [
+            "## 1. Goodput under regional capacity",
+            "",
+            f"The stand-in serves {results.capacity}: a call beyond a region's concurrency is",
+            "answered 429 at once. N jobs are submitted as fast as the ingress accepts them",
+            "(16 connections); goodput = (N / limit) / completion time, where completion runs",
+            "from the first submission to the last job's `updated_at`. Job latency is",
+            "`updated_at - created_at` of each record. Wasted calls = calls - 200s.",
+            "",
+            "| mode | strategy | N | completion s | goodput | calls/job | 429 share "
+            "| wasted calls | job latency p50 / p95 / p99 s | lost | CPU s used |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for run in results.goodput:
+            lines.append(
+                f"| {MODE_NAMES[run.mode]} | {run.label} | {run.jobs:,} | {run.completion_s:.1f} "
+                f"| {run.goodput:.2f} | {run.calls_per_job:.3f} | {run.share_429:.1%} "
+                f"| {wasted(run)} | {_ms(run.latency_p50_s)} / {_ms(run.latency_p95_s)} / "
+                f"{_ms(run.latency_p99_s)} | {run.lost} | {_cpu(run.cpu_s)} |"
+            )
+        lines.append("")
+        for name in ("goodput-successes.png", "goodput-429s.png"):
+            if name in charts:
+                lines += [f"![{name}](docs/benchmarks/{name})", ""]
+    if results.push_rates:
+        lines += [
+            "### The Pub/Sub emulator's push rate, alone",
+            "",
+            "Messages published to a topic whose push subscription points at a sink that",
+            "acknowledges after a fixed delay (`tests/benchmarks/push_sink.py`):",
+            "",
+            "| messages | sink delay s | pushes/s | most pushes in flight |",
+            "|---|---|---|---|",
+        ]
+        for rate in results.push_rates:
+            lines.append(
+                f"| {rate.messages:,} | {rate.delay_s:g} | {rate.rate_per_s:,.1f} "
+                f"| {rate.max_in_flight} |"
+            )
+        lines.append("")
+    if results.region_down:
+        healthy = results.healthy_for_down
+        lines += [
+            "## 2. One region down mid-run",
+            "",
+            "Mode 1, default strategy, the same set-up; one region answers 503 for the middle",
+            "third of the healthy run's completion time.",
+            "",
+            "| run | N | completion s | vs healthy | lost | calls by status | window s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        if healthy is not None:
+            lines.append(
+                f"| healthy | {healthy.jobs:,} | {healthy.completion_s:.1f} | 1.00x | "
+                f"{healthy.lost} | {healthy.calls_by_status} | - |"
+            )
+        for run in results.region_down:
+            ratio = f"{run.completion_s / healthy.completion_s:.2f}x" if healthy else "-"
+            window = f"{run.outage[0]:.1f}-{run.outage[1]:.1f}" if run.outage else "-"
+            lines.append(
+                f"| one region 503 | {run.jobs:,} | {run.completion_s:.1f} | {ratio} | "
+                f"{run.lost} | {run.calls_by_status} | {window} |"
+            )
+        lines.append("")
+        if "region-down.png" in charts:
+            lines += ["![region-down.png](docs/benchmarks/region-down.png)", ""]
+    if results.wrk or results.added:
+        lines += [
+            "## 3. Ingress overhead",
+            "",
+            "`wrk` (one thread, Lua scripts in `tests/benchmarks/lua/`) against one ingress",
+            "process. Closed loop unless the load says paced (each connection waits 10 ms",
+            "between requests). In mode 1 the same process also executes every job it accepts:",
+            "'accept path' rows use a stand-in answering after 2 s, so jobs wait in the queue",
+            "(`MAX_PENDING_JOBS=30000` so that none is refused) and the executor's share of the",
+            "CPU stays small; 'accept + execute' rows use one answering at once.",
+            "",
+            "| mode | endpoint | load | connections | requests/s | p50 ms | p90 ms | p99 ms "
+            "| max ms | answers | CPU s used |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for w in results.wrk:
+            lines.append(
+                f"| {MODE_NAMES[w.mode]} | {w.endpoint} | {w.load} | {w.connections} "
+                f"| {w.rate_per_s:,.0f} | {w.p50_ms:.1f} | {w.p90_ms:.1f} | {w.p99_ms:.1f} "
+                f"| {w.max_ms:.0f} | {w.statuses} | {_cpu(w.cpu_s)} |"
+            )
+        lines.append("")
+    if results.added:
+        lines += [
+            "### Added latency per job",
+            "",
+            "One job at a time: POST /generate, then GET /jobs/{id} every 2 ms until it is",
+            "finished; against the same client POSTing generateContent to the stand-in itself.",
+            "",
+            "| mode | jobs | upstream latency s | direct p50 / p99 ms | job p50 / p99 ms "
+            "| added p50 / p99 ms |",
+            "|---|---|---|---|---|---|",
+        ]
+        for a in results.added:
+            lines.append(
+                f"| {MODE_NAMES[a.mode]} | {a.jobs} | {a.upstream_latency_s:g} "
+                f"| {a.direct_p50_ms:.1f} / {a.direct_p99_ms:.1f} "
+                f"| {a.job_p50_ms:.1f} / {a.job_p99_ms:.1f} "
+                f"| {a.added_p50_ms:.1f} / {a.added_p99_ms:.1f} |"
+            )
+        lines.append("")
+    if results.memory is not None:
+        memory = results.memory
+        lines += [
+            "## 4. Memory",
+            "",
+            f"Mode 1, `MEMORY_MAX_JOBS={memory.memory_max_jobs:,}`, {memory.jobs:,} jobs "
+            f"through one ingress in {memory.seconds:.0f} s (stand-in answering at once); "
+            "resident memory (VmRSS) of the ingress by jobs finished:",
+            "",
+            "| finished jobs | " + " | ".join(f"{n:,}" for n, _ in memory.samples) + " |",
+            "|---|" + "---|" * len(memory.samples),
+            "| RSS MiB | " + " | ".join(f"{r:.0f}" for _, r in memory.samples) + " |",
+            "",
+            f"The first job was {'evicted (404)' if memory.first_job_evicted else 'still kept'} "
+            "at the end.",
+            "",
+        ]
+        if "memory.png" in charts:
+            lines += ["![memory.png](docs/benchmarks/memory.png)", ""]
+    if results.profiles:
+        lines += [
+            "## Profiles",
+            "",
+            "py-spy (100-200 Hz) on the ingress during the runs named; share of the samples by",
+            "where the time goes (first matching frame), then the functions with the most",
+            "own time.",
+            "",
+        ]
+        for name, profile in results.profiles.items():
+            lines += [
+                f"### {name} ({profile['samples']:,} samples)",
+                "",
+                "| where | share |",
+                "|---|---|",
+            ]
+            lines += [f"| {label} | {share:.0%} |" for label, share in profile["buckets"]]
+            lines += ["", "| function (own time) | share |", "|---|---|"]
+            lines += [f"| `{name_}` | {share:.1%} |" for name_, share in profile["own"]]
+            lines.append("")
+    lines += ["## Notes", "", NOTES_START, notes.strip("\n"), NOTES_END, ""]
+    return "\n".join(lines)
+
+
+def existing_notes(path: Path = REPORT) -> str:
+    """The hand-written notes of the current report, kept across runs."""
+    if not path.exists():
+        return "\n(none yet)\n"
+    text = path.read_text(encoding="utf-8")
+    start, end = text.find(NOTES_START), text.find(NOTES_END)
+    if start < 0 or end < start:
+        return "\n(none yet)\n"
+    return text[start + len(NOTES_START) : end]
+
+
+def write_report(results: Results, path: Path = REPORT, charts_dir: Path = CHARTS) -> Path:
+    """Write BENCHMARKS.md and the charts; returns the report's path."""
+    notes = existing_notes(path)
+    charts = write_charts(results, charts_dir)
+    path.write_text(render(results, charts, notes), encoding="utf-8")
+    return path

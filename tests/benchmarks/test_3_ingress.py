@@ -1,0 +1,157 @@
+"""Scenario 3: what the ingress costs: wrk on POST /generate and GET /jobs/{id}, added latency."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from tests.benchmarks.harness import (
+    REGIONS,
+    BenchStack,
+    Profiler,
+    RawHttp,
+    bench_stack,
+    measure_added_latency,
+    read_job,
+    run_async,
+    run_wrk,
+    submit_all,
+    wrk_missing_reason,
+)
+from tests.benchmarks.report import Results
+from tests.support.emulators import Emulator
+
+DURATION_S = 4.0
+# A slow upstream keeps the executor's share of the CPU small: what is left is the
+# accept path (jobs wait in the queue; MAX_PENDING_JOBS is raised so none is refused).
+SLOW_UPSTREAM = {"default": {"latency_s": 2.0}}
+INSTANT_UPSTREAM = {"default": {"latency_s": 0.0}}
+
+
+@pytest.fixture(autouse=True)
+def _needs_wrk(results: Results) -> None:
+    reason = wrk_missing_reason()
+    if reason is not None:
+        results.skipped["scenario 3 (wrk)"] = reason
+        pytest.skip(reason)
+
+
+def finished_job_ids(stack: BenchStack, count: int, path: Path) -> Path:
+    """Submit `count` jobs, wait until all are finished, write their ids to `path`."""
+
+    async def go() -> list[str]:
+        ingress = RawHttp(stack.ingress.url, 8)
+        try:
+            accepted, _ = await submit_all(
+                ingress,
+                [f"get-{i}" for i in range(count)],
+                concurrency=8,
+                deadline=asyncio.get_running_loop().time() + 120,
+            )
+            ids = [s.job_id for s in accepted if s.job_id]
+            for job_id in ids:
+                for _ in range(600):
+                    if (await read_job(ingress, job_id))["status"] == "succeeded":
+                        break
+                    await asyncio.sleep(0.1)
+            return ids
+        finally:
+            await ingress.close()
+
+    ids = run_async(go())
+    path.write_text("\n".join(ids) + "\n")
+    return path
+
+
+@pytest.mark.timeout(300)
+def test_ingress_mode1(results: Results, log_dir: Path) -> None:
+    """Mode 1: accept path alone, paced at ~1,000/s, accept + execute, and GET /jobs/{id}."""
+    runs = (
+        ("accept path, closed loop", SLOW_UPSTREAM, 8, 0),
+        ("accept path, paced ~1,000/s", SLOW_UPSTREAM, 13, 10),
+        ("accept + execute, closed loop", INSTANT_UPSTREAM, 8, 0),
+    )
+    for load, standin, connections, delay_ms in runs:
+        # The accept path queues ~2,000 jobs a second: room for them all, so no 429s.
+        room = {"MAX_PENDING_JOBS": "30000"} if standin is SLOW_UPSTREAM else {}
+        with bench_stack(
+            "memory", log_dir=log_dir, standin_config=standin, regions=REGIONS, **room
+        ) as stack:
+            profiler = (
+                Profiler(stack.ingress.pid, log_dir / "wrk-mode1.collapsed")
+                if load.startswith("accept + execute")
+                else None
+            )
+            result = run_wrk(
+                stack,
+                endpoint="POST /generate",
+                load=load,
+                script="post_generate.lua",
+                connections=connections,
+                duration_s=DURATION_S,
+                delay_ms=delay_ms,
+            )
+            profile = profiler.stop() if profiler else None
+            if profile:
+                results.profiles["mode 1 ingress, wrk POST /generate, accept + execute"] = profile
+            results.wrk.append(result)
+            print(f"\n{result}")
+            if load.startswith("accept + execute"):
+                ids = finished_job_ids(stack, 500, log_dir / "mode1-ids.txt")
+                get = run_wrk(
+                    stack,
+                    endpoint="GET /jobs/{id}",
+                    load="closed loop, finished jobs",
+                    script="get_job.lua",
+                    connections=8,
+                    duration_s=DURATION_S,
+                    job_ids_file=ids,
+                )
+                results.wrk.append(get)
+                print(f"\n{get}")
+    with bench_stack(
+        "memory", log_dir=log_dir, standin_config=INSTANT_UPSTREAM, regions=REGIONS
+    ) as stack:
+        added = measure_added_latency(stack, jobs=100, upstream_latency_s=0.05)
+    results.added.append(added)
+    print(f"\n{added}")
+
+
+@pytest.mark.timeout(300)
+def test_ingress_mode3(
+    results: Results, log_dir: Path, emulators: tuple[Emulator, Emulator]
+) -> None:
+    """Mode 3: POST /generate (Firestore + Pub/Sub per job), GET /jobs/{id}, added latency."""
+    with bench_stack(
+        "pubsub",
+        log_dir=log_dir,
+        standin_config=INSTANT_UPSTREAM,
+        regions=REGIONS,
+        emulators=emulators,
+    ) as stack:
+        added = measure_added_latency(stack, jobs=50, upstream_latency_s=0.05)
+        results.added.append(added)
+        print(f"\n{added}")
+        ids = finished_job_ids(stack, 100, log_dir / "mode3-ids.txt")
+        get = run_wrk(
+            stack,
+            endpoint="GET /jobs/{id}",
+            load="closed loop, finished jobs",
+            script="get_job.lua",
+            connections=8,
+            duration_s=DURATION_S,
+            job_ids_file=ids,
+        )
+        post = run_wrk(
+            stack,
+            endpoint="POST /generate",
+            load="closed loop",
+            script="post_generate.lua",
+            connections=8,
+            duration_s=DURATION_S,
+        )
+    for result in (post, get):
+        results.wrk.append(result)
+        print(f"\n{result}")

@@ -1,0 +1,55 @@
+"""A fast version of benchmark scenario 1 (small N), so the harness cannot rot unnoticed.
+
+The real suite is `bash tests/benchmarks/run.sh` (BENCHMARKS.md); this runs the same
+code, in mode 1, with every strategy, on 150 jobs, small latencies and short backoffs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.benchmarks.harness import STRATEGIES, Capacity, bench_stack, run_goodput
+from tests.benchmarks.report import Results, render, targets, write_charts
+
+pytestmark = pytest.mark.integration
+
+SMOKE = Capacity(concurrency=8, latency_s=0.05)  # 4 regions x 8 x 50 ms = 640 calls/s
+# Short backoffs and requeue delays, so the naive strategy's retries end in seconds.
+FAST_RETRIES = {
+    "VERTEX_BACKOFF_INITIAL_S": "0.05",
+    "VERTEX_BACKOFF_MAX_S": "0.2",
+    "REQUEUE_DELAY_S": "0.2",
+}
+
+
+@pytest.mark.timeout(60)
+def test_goodput_harness_runs_every_strategy(tmp_path: Path) -> None:
+    """Each strategy finishes every job; figures, targets, report and charts are produced."""
+    results = Results(capacity=SMOKE.describe())
+    for strategy in STRATEGIES:
+        regions = SMOKE.regions[:1] if strategy.single_region else SMOKE.regions
+        with bench_stack(
+            "memory",
+            log_dir=tmp_path,
+            standin_config=SMOKE.standin_config(),
+            regions=regions,
+            **{**FAST_RETRIES, **strategy.env},
+        ) as stack:
+            run = run_goodput(stack, strategy=strategy, capacity=SMOKE, jobs=150, timeout_s=40)
+        assert run.lost == 0, run.statuses
+        assert run.calls_by_status.get("200") == 150
+        assert run.duplicate_successes == 0
+        assert 0 < run.goodput <= 1.5
+        assert run.latency_p50_s <= run.latency_p99_s
+        if strategy.single_region:
+            assert {region for _, region, _ in run.calls_log} == {SMOKE.regions[0]}
+        results.goodput.append(run)
+    assert {row[0] for row in targets(results)} >= {
+        "mode 1: goodput >= 0.90 of the limit",
+        "default beats both baselines on completion time",
+    }
+    text = render(results, write_charts(results, tmp_path), notes="\nsmoke\n")
+    assert "## 1. Goodput under regional capacity" in text
+    assert "this project's default" in text
