@@ -41,6 +41,9 @@ class BodyTooLarge(InvalidRequest):
     """The body is larger than allowed."""
 
 
+_TRACE_HEADERS = frozenset({b"x-cloud-trace-context", b"traceparent"})
+
+
 class TraceMiddleware:
     """Puts each request's Cloud Logging trace in the log context (pure ASGI)."""
 
@@ -53,8 +56,14 @@ class TraceMiddleware:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        token = logs.current_trace.set(logs.trace_name(headers, self._project))
+        # Decode only the two trace headers, not every header of every request.
+        headers = {
+            name.decode("latin-1"): value.decode("latin-1")
+            for name, value in scope["headers"]
+            if name in _TRACE_HEADERS
+        }
+        trace = logs.trace_name(headers, self._project) if headers else None
+        token = logs.current_trace.set(trace)
         try:
             await self._app(scope, receive, send)
         finally:
