@@ -16,7 +16,7 @@ import pytest
 
 from tests.benchmarks.harness import Capacity
 from tests.benchmarks.report import Results, load_average, write_report
-from tests.support.emulators import Emulator, emulators_unavailable_reason
+from tests.support.emulators import Emulator, emulators_unavailable_reason, running_emulators
 from tests.support.stack import PROJECT
 
 RESULTS = Results()
@@ -69,14 +69,5 @@ def emulators(log_dir: Path) -> Iterator[tuple[Emulator, Emulator]]:
     if reason is not None:
         RESULTS.skipped["mode 3"] = reason
         pytest.skip(f"emulators unavailable: {reason}")
-    firestore = Emulator.start("firestore", PROJECT, log_dir)
-    try:
-        pubsub = Emulator.start("pubsub", PROJECT, log_dir)
-    except BaseException:
-        firestore.stop()
-        raise
-    try:
-        yield firestore, pubsub
-    finally:
-        pubsub.stop()
-        firestore.stop()
+    with running_emulators(PROJECT, log_dir) as both:
+        yield both

@@ -9,7 +9,12 @@ from typing import Any
 
 import pytest
 
-from tests.support.emulators import Emulator, emulators_unavailable_reason, reset_firestore
+from tests.support.emulators import (
+    Emulator,
+    emulators_unavailable_reason,
+    reset_firestore,
+    running_emulators,
+)
 from tests.support.processes import ServiceProcess
 from tests.support.stack import (
     PROJECT,
@@ -37,18 +42,8 @@ def emulators(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulators]:
     reason = emulators_unavailable_reason()
     if reason is not None:
         pytest.skip(f"emulators unavailable: {reason}")
-    log_dir = tmp_path_factory.mktemp("emulators")
-    firestore = Emulator.start("firestore", PROJECT, log_dir)
-    try:
-        pubsub = Emulator.start("pubsub", PROJECT, log_dir)
-    except BaseException:
-        firestore.stop()
-        raise
-    try:
+    with running_emulators(PROJECT, tmp_path_factory.mktemp("emulators")) as (firestore, pubsub):
         yield Emulators(firestore=firestore, pubsub=pubsub)
-    finally:
-        pubsub.stop()
-        firestore.stop()
 
 
 @pytest.fixture

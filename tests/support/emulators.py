@@ -11,10 +11,12 @@ of SIGTERM. ``START_TIMEOUT_S`` leaves a wide margin for a loaded CI machine.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
@@ -230,3 +232,14 @@ def reset_firestore(host_port: str, project: str) -> None:
             f"resetting Firestore emulator at {url} answered {response.status_code}: "
             f"{response.text[:500]}"
         )
+
+
+@contextlib.contextmanager
+def running_emulators(project: str, log_dir: Path) -> Iterator[tuple[Emulator, Emulator]]:
+    """Both emulators, (firestore, pubsub), stopped (by process group) on exit."""
+    with contextlib.ExitStack() as stack:
+        firestore = Emulator.start("firestore", project, log_dir)
+        stack.callback(firestore.stop)
+        pubsub = Emulator.start("pubsub", project, log_dir)
+        stack.callback(pubsub.stop)
+        yield firestore, pubsub
