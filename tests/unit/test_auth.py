@@ -7,6 +7,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +113,20 @@ async def test_both_issuer_spellings_are_accepted(
     await verifier.verify(f"Bearer {google_key.mint(iss='accounts.google.com')}")
 
 
+@dataclass(frozen=True)
+class FromNow:
+    """A time claim relative to when the test runs (not to when pytest collected it)."""
+
+    seconds: int
+
+
 def _claims(**overrides: Any) -> dict[str, Any]:
     return overrides
+
+
+def _resolved(claims: dict[str, Any]) -> dict[str, Any]:
+    now = int(time.time())
+    return {k: now + v.seconds if isinstance(v, FromNow) else v for k, v in claims.items()}
 
 
 @pytest.mark.parametrize(
@@ -122,11 +135,11 @@ def _claims(**overrides: Any) -> dict[str, Any]:
         (_claims(aud="https://other.example/"), Unauthenticated, "another audience"),
         (_claims(iss="https://evil.example"), Unauthenticated, "not issued by Google"),
         (
-            _claims(exp=int(time.time()) - 120, iat=int(time.time()) - 4000),
+            _claims(exp=FromNow(-120), iat=FromNow(-4000)),
             Unauthenticated,
             "expired",
         ),
-        (_claims(iat=int(time.time()) + 600), Unauthenticated, "future"),
+        (_claims(iat=FromNow(600)), Unauthenticated, "future"),
         (_claims(exp=None), Unauthenticated, "exp or iat"),
         (_claims(email="someone@evil.example"), PermissionDenied, "not the push service account"),
         (_claims(email=None), PermissionDenied, "not the push service account"),
@@ -144,7 +157,7 @@ async def test_token_with_wrong_claims_is_refused(
     """Wrong audience/issuer/expiry is 401; a genuine token of another account is 403."""
     verifier, _, _ = verifier_factory()
     with pytest.raises(error, match=words):
-        await verifier.verify(f"Bearer {google_key.mint(**claims)}")
+        await verifier.verify(f"Bearer {google_key.mint(**_resolved(claims))}")
 
 
 async def test_token_signed_by_another_key_is_refused(
