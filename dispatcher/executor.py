@@ -14,7 +14,7 @@ import contextlib
 import enum
 import logging
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -142,10 +142,14 @@ class JobExecutor:
                     )
                 )
             raise
+        # The region that gave the final answer (served or refused) becomes the job's
+        # region; a job given back for a retry keeps its assigned one.
+        progress = Progress(
+            calls=report.calls,
+            regions=report.regions,
+            served_by=report.regions[-1] if report.regions else None,
+        )
         if report.response is not None:
-            progress = Progress(
-                calls=report.calls, regions=report.regions, served_by=report.regions[-1]
-            )
             finished = await self._manager.succeed(
                 job.job_id, token, result=report.response, progress=progress
             )
@@ -155,17 +159,10 @@ class JobExecutor:
             )
             return RunOutcome(result=RunResult.DONE, job=finished)
         assert report.error is not None
-        progress = Progress(calls=report.calls, regions=report.regions)
         error = report.error.error
         deliveries = max(job.deliveries, delivery_attempt or 0)
         if not report.error.transient or deliveries >= self._max_deliveries:
-            # The region that gave the final answer, as for a success.
-            final = Progress(
-                calls=report.calls,
-                regions=report.regions,
-                served_by=report.regions[-1] if report.regions else None,
-            )
-            finished = await self._manager.fail(job.job_id, token, error=error, progress=final)
+            finished = await self._manager.fail(job.job_id, token, error=error, progress=progress)
             log.warning(
                 "job failed",
                 extra={
@@ -178,7 +175,11 @@ class JobExecutor:
             )
             return RunOutcome(result=RunResult.DONE, job=finished)
         released = await self._manager.release(
-            job.job_id, token, progress=progress, retry_in_s=self._requeue_delay_s, error=error
+            job.job_id,
+            token,
+            progress=replace(progress, served_by=None),
+            retry_in_s=self._requeue_delay_s,
+            error=error,
         )
         log.info(
             "transient failure; job will be retried",
