@@ -1,7 +1,8 @@
 """Builds the parts a service runs on from its settings, and closes them.
 
-One HTTP client and one Firestore client per process, created at start-up and
-closed at shutdown; the mode decides which store and queue are used.
+One HTTP session (when the process calls Vertex) and one Firestore client per
+process, created at start-up and closed at shutdown;
+the mode decides which store and queue are used.
 """
 
 from __future__ import annotations
@@ -10,8 +11,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import httpx
-from httpx_aiohttp import AiohttpTransport
+import aiohttp
 from prometheus_client import CollectorRegistry
 
 from dispatcher.cache import FinishedJobCache
@@ -24,7 +24,7 @@ from dispatcher.regions import PoolConfig, RegionPool, RoundRobin
 from dispatcher.settings import Mode, Settings
 from dispatcher.store import JobStore
 from dispatcher.sweeper import Sweeper
-from dispatcher.vertex import Credentials, RetryPolicy, VertexClient
+from dispatcher.vertex import Credentials, RetryPolicy, VertexClient, http_session
 from dispatcher.watcher import JobWatcher
 
 # Pub/Sub push requests time out at the ack deadline; retries must end well before.
@@ -64,19 +64,6 @@ def build_store(settings: Settings) -> JobStore:
     )
 
 
-def build_http_client(settings: Settings) -> httpx.AsyncClient:
-    """The process's HTTP client for Vertex, on the aiohttp transport.
-
-    httpx's own pool costs ~8 ms CPU a request once requests queue for its
-    connections; the aiohttp transport ~0.3 ms (shared/REFERENCE.md, measured here).
-    """
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-    return httpx.AsyncClient(
-        transport=AiohttpTransport(limits=limits, trust_env=False),
-        timeout=httpx.Timeout(settings.vertex_timeout_s, connect=10.0),
-    )
-
-
 @contextlib.asynccontextmanager
 async def open_runtime(settings: Settings, *, executes: bool) -> AsyncIterator[Runtime]:
     """Create the parts, start the background work, and close it all on exit.
@@ -106,7 +93,7 @@ async def open_runtime(settings: Settings, *, executes: bool) -> AsyncIterator[R
             strategy=settings.region_strategy,
         )
     )
-    http = build_http_client(settings)
+    http: aiohttp.ClientSession | None = None
     executor: JobExecutor | None = None
     queue: JobQueue | None = None
     sweeper: Sweeper | None = None
@@ -116,6 +103,7 @@ async def open_runtime(settings: Settings, *, executes: bool) -> AsyncIterator[R
             if settings.mode is Mode.PUBSUB
             else float("inf")
         )
+        http = http_session()
         vertex = VertexClient(
             http,
             project=settings.project,
@@ -201,5 +189,6 @@ async def open_runtime(settings: Settings, *, executes: bool) -> AsyncIterator[R
         if executor is not None:
             # Runs cancelled by the server's shutdown hand their jobs back first.
             await executor.wait_idle(timeout_s=SHUTDOWN_RELEASE_S)
-        await http.aclose()
+        if http is not None:
+            await http.close()
         await store.close()

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -27,6 +27,7 @@ from tenacity import (
     wait_exponential,
     wait_random,
 )
+from yarl import URL
 
 from dispatcher.errors import DispatcherError
 from dispatcher.jobs import JobError, JsonObject
@@ -146,12 +147,26 @@ class Credentials:
         return str(self._credentials.token)
 
 
+def http_session(*, connect_timeout_s: float = 10.0) -> aiohttp.ClientSession:
+    """The process's HTTP session for Vertex calls (create it on the running loop).
+
+    aiohttp directly: at load, httpx's request building (URL parsing, header
+    merging, cookies) cost about as much CPU as aiohttp's whole call beneath it
+    (BENCHMARKS.md, profiles). Each attempt's own deadline is `asyncio.timeout`.
+    """
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=1000),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s),
+        trust_env=False,
+    )
+
+
 class VertexClient:
     """Calls generateContent in a chosen region, with retries across regions."""
 
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        http: aiohttp.ClientSession,
         *,
         project: str,
         pool: RegionPool,
@@ -162,7 +177,7 @@ class VertexClient:
         """Create a client.
 
         Args:
-            http: The process's shared HTTP client.
+            http: The process's shared HTTP session (`http_session`).
             project: The project in the endpoint path.
             pool: Region health and concurrency.
             policy: Retry limits.
@@ -176,6 +191,7 @@ class VertexClient:
         self._policy = policy
         self._endpoint = endpoint
         self._credentials = credentials
+        self._urls: dict[tuple[str, str], URL] = {}
 
     def url_for(self, model: str, region: str) -> str:
         """The generateContent URL of `model` in `region`."""
@@ -263,13 +279,17 @@ class VertexClient:
         headers = {"Content-Type": "application/json"}
         if self._credentials is not None:
             headers["Authorization"] = f"Bearer {await self._credentials.token()}"
-        url = self.url_for(model, region)
+        url = self._urls.get((model, region))
+        if url is None:
+            url = self._urls[model, region] = URL(self.url_for(model, region))
+        body = json.dumps(request, separators=(",", ":")).encode()
         try:
-            async with asyncio.timeout(self._policy.attempt_timeout_s):
-                response = await self._http.post(
-                    url, content=json.dumps(request, separators=(",", ":")), headers=headers
-                )
-        except (TimeoutError, httpx.TimeoutException):
+            async with (
+                asyncio.timeout(self._policy.attempt_timeout_s),
+                self._http.post(url, data=body, headers=headers) as response,
+            ):
+                status, reason, payload = response.status, response.reason, await response.read()
+        except TimeoutError:
             raise VertexError(
                 JobError(
                     code=504,
@@ -278,32 +298,31 @@ class VertexClient:
                 ),
                 region=region,
             ) from None
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             raise VertexError(
                 JobError(code=503, status="UNAVAILABLE", message=f"connection failed: {exc!r}"),
                 region=region,
             ) from exc
-        if response.status_code >= 300:
-            raise VertexError(_google_error(response), region=region)
+        if status >= 300:
+            raise VertexError(_google_error(status, reason, payload), region=region)
         try:
-            body = response.json()
+            answer = json.loads(payload)
         except ValueError:
-            body = None
-        if not isinstance(body, dict):
+            answer = None
+        if not isinstance(answer, dict):
             raise VertexError(
                 JobError(code=502, status="UNAVAILABLE", message="response is not a JSON object"),
                 region=region,
             )
-        return body
+        return answer
 
 
-def _google_error(response: httpx.Response) -> JobError:
+def _google_error(code: int, reason: str | None, payload: bytes) -> JobError:
     """Vertex's own error from its body (`{"error": {"code", "status", "message"}}`)."""
-    code = response.status_code
     status = _STATUS_NAMES.get(code, "UNKNOWN")
-    message = response.reason_phrase or "error"
+    message = reason or "error"
     try:
-        detail = response.json().get("error", {})
+        detail = json.loads(payload).get("error", {})
     except (ValueError, AttributeError):
         detail = {}
     if isinstance(detail, dict):

@@ -6,7 +6,6 @@ import asyncio
 import random
 from collections.abc import Callable
 
-import httpx
 import pytest
 
 from dispatcher.errors import ConfigError
@@ -22,6 +21,7 @@ from dispatcher.regions import (
 )
 from dispatcher.settings import Settings
 from dispatcher.vertex import RetryPolicy, VertexClient
+from tests.support.standin import serving_standin
 
 REGIONS = ("a-east1", "b-west1", "c-north1")
 
@@ -207,20 +207,9 @@ async def test_retries_stay_in_the_assigned_region_only_when_naive(
     strategy: RegionStrategy, expected_regions: list[str]
 ) -> None:
     """Naive retries a 429 in the job's own region (with backoff); adaptive moves on."""
-    calls: list[str] = []
-
-    def answer(request: httpx.Request) -> httpx.Response:
-        region = request.url.path.split("/locations/")[1].split("/")[0]
-        calls.append(region)
-        if region == "a-east1":
-            return httpx.Response(
-                429, json={"error": {"code": 429, "status": "RESOURCE_EXHAUSTED"}}
-            )
-        return httpx.Response(200, json={"candidates": []})
-
-    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
+    async with serving_standin({"regions": {"a-east1": {"status": 429}}}) as standin:
         client = VertexClient(
-            http,
+            standin.session,
             project="p",
             pool=RegionPool(PoolConfig(strategy=strategy)),
             policy=RetryPolicy(
@@ -230,10 +219,14 @@ async def test_retries_stay_in_the_assigned_region_only_when_naive(
                 attempt_timeout_s=5,
                 budget_s=30,
             ),
-            endpoint="http://standin.test",
+            endpoint=standin.url,
         )
         report = await client.generate(
-            model="m", request={"contents": []}, regions=REGIONS, preferred="a-east1"
+            model="m",
+            request={"contents": [{"parts": [{"text": "q"}]}]},
+            regions=REGIONS,
+            preferred="a-east1",
         )
+        calls = [call["region"] for call in (await standin.control.get("/_standin/calls")).json()]
     assert calls == expected_regions
     assert list(report.regions) == expected_regions

@@ -1,72 +1,64 @@
-"""The Vertex client against the project's stand-in (in process, over ASGI)."""
+"""The Vertex client against the project's stand-in, over loopback HTTP."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import httpx
 import pytest
 
-from dispatcher.devtools.vertex_standin import StandinConfig, create_app
 from dispatcher.regions import Breaker, PoolConfig, RegionPool
-from dispatcher.vertex import RetryPolicy, VertexClient
+from dispatcher.vertex import RetryPolicy, VertexClient, http_session
+from tests.support.standin import ServedStandin, serving_standin
 
 REGIONS = ("us-central1", "europe-west4", "asia-northeast1")
 REQUEST = {"contents": [{"role": "user", "parts": [{"text": "ping"}]}]}
-ENDPOINT = "http://standin.test"
 
 
 @pytest.fixture
 async def vertex_factory() -> AsyncIterator[Callable[..., Any]]:
-    """Builds (client, stand-in http client) pairs over a fresh stand-in with a config doc."""
-    clients: list[httpx.AsyncClient] = []
+    """Builds (client, served stand-in) pairs over a fresh stand-in with a config doc."""
+    async with contextlib.AsyncExitStack() as stack:
 
-    def make(
-        config: dict[str, Any] | None = None, cooldown_s: float = 0.01, **policy: Any
-    ) -> tuple[VertexClient, httpx.AsyncClient]:
-        app = create_app(StandinConfig.from_doc(config or {}))
-        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=ENDPOINT)
-        clients.append(http)
-        fields = {
-            "max_retries": 3,
-            "backoff_initial_s": 0.001,
-            "backoff_max_s": 0.01,
-            "attempt_timeout_s": 5.0,
-            "budget_s": 30.0,
-            **policy,
-        }
-        client = VertexClient(
-            http,
-            project="p",
-            pool=RegionPool(
-                PoolConfig(cooldown_initial_s=cooldown_s, cooldown_max_s=max(cooldown_s, 1))
-            ),
-            policy=RetryPolicy(**fields),
-            endpoint=ENDPOINT,
-        )
-        return client, http
+        async def make(
+            config: dict[str, Any] | None = None, cooldown_s: float = 0.01, **policy: Any
+        ) -> tuple[VertexClient, ServedStandin]:
+            standin = await stack.enter_async_context(serving_standin(config))
+            fields = {
+                "max_retries": 3,
+                "backoff_initial_s": 0.001,
+                "backoff_max_s": 0.01,
+                "attempt_timeout_s": 5.0,
+                "budget_s": 30.0,
+                **policy,
+            }
+            client = VertexClient(
+                standin.session,
+                project="p",
+                pool=RegionPool(
+                    PoolConfig(cooldown_initial_s=cooldown_s, cooldown_max_s=max(cooldown_s, 1))
+                ),
+                policy=RetryPolicy(**fields),
+                endpoint=standin.url,
+            )
+            return client, standin
 
-    yield make
-    for http in clients:
-        await http.aclose()
+        yield make
 
 
-async def stats(http: httpx.AsyncClient) -> dict[str, Any]:
-    response = await http.get("/_standin/stats")
-    return dict(response.json())
-
-
-def test_urls_follow_the_regional_and_global_hosts() -> None:
+async def test_urls_follow_the_regional_and_global_hosts() -> None:
     """Regional models go to {region}-aiplatform, 'global' to aiplatform.googleapis.com."""
-    client = VertexClient(
-        httpx.AsyncClient(),
-        project="p",
-        pool=RegionPool(PoolConfig()),
-        policy=RetryPolicy(
-            max_retries=0, backoff_initial_s=1, backoff_max_s=1, attempt_timeout_s=1, budget_s=1
-        ),
-    )
+    async with http_session() as session:
+        client = VertexClient(
+            session,
+            project="p",
+            pool=RegionPool(PoolConfig()),
+            policy=RetryPolicy(
+                max_retries=0, backoff_initial_s=1, backoff_max_s=1, attempt_timeout_s=1, budget_s=1
+            ),
+        )
     path = "/v1/projects/p/locations/{0}/publishers/google/models/m:generateContent"
     assert client.url_for("m", "europe-west4") == (
         "https://europe-west4-aiplatform.googleapis.com" + path.format("europe-west4")
@@ -78,7 +70,7 @@ def test_urls_follow_the_regional_and_global_hosts() -> None:
 
 async def test_success_returns_vertex_response(vertex_factory: Callable[..., Any]) -> None:
     """A 200 returns Vertex's JSON as sent, after one call in the preferred region."""
-    client, http = vertex_factory()
+    client, standin = await vertex_factory()
     report = await client.generate(
         model="m", request=REQUEST, regions=REGIONS, preferred="europe-west4"
     )
@@ -87,12 +79,12 @@ async def test_success_returns_vertex_response(vertex_factory: Callable[..., Any
     assert report.response is not None
     text = report.response["candidates"][0]["content"]["parts"][0]["text"]
     assert text == "stand-in reply from europe-west4: ping"
-    assert (await stats(http))["authorization_headers"] == 0
+    assert (await standin.stats())["authorization_headers"] == 0
 
 
 async def test_transient_errors_move_to_the_next_region(vertex_factory: Callable[..., Any]) -> None:
     """A 503 then a 429 are retried, each time in the next region, and every call is counted."""
-    client, _ = vertex_factory(
+    client, _ = await vertex_factory(
         {"regions": {"us-central1": {"status": 503}, "europe-west4": {"status": 429}}}
     )
     report = await client.generate(
@@ -106,13 +98,13 @@ async def test_transient_errors_in_one_region_then_success(
     vertex_factory: Callable[..., Any],
 ) -> None:
     """With one region, 503 and 429 are retried there with backoff until it answers."""
-    client, http = vertex_factory({"default": {"script": [503, 429]}})
+    client, standin = await vertex_factory({"default": {"script": [503, 429]}})
     report = await client.generate(
         model="m", request=REQUEST, regions=["us-central1"], preferred="us-central1"
     )
     assert report.response is not None
     assert report.calls == 3
-    assert (await stats(http))["regions"]["us-central1"]["by_status"] == {
+    assert (await standin.stats())["regions"]["us-central1"]["by_status"] == {
         "503": 1,
         "429": 1,
         "200": 1,
@@ -121,7 +113,7 @@ async def test_transient_errors_in_one_region_then_success(
 
 async def test_permanent_error_fails_after_one_call(vertex_factory: Callable[..., Any]) -> None:
     """A 400 is not retried; Vertex's own code, status and message are kept."""
-    client, http = vertex_factory({"default": {"status": 400}})
+    client, standin = await vertex_factory({"default": {"status": 400}})
     report = await client.generate(
         model="m", request=REQUEST, regions=REGIONS, preferred="us-central1"
     )
@@ -130,12 +122,12 @@ async def test_permanent_error_fails_after_one_call(vertex_factory: Callable[...
     assert report.error.error.code == 400
     assert report.error.error.status == "INVALID_ARGUMENT"
     assert report.error.error.message
-    assert (await stats(http))["total_calls"] == 1
+    assert (await standin.stats())["total_calls"] == 1
 
 
 async def test_retries_stop_at_the_configured_count(vertex_factory: Callable[..., Any]) -> None:
     """With every region down, VERTEX_MAX_RETRIES retries are made, then the last error returns."""
-    client, _ = vertex_factory({"default": {"status": 503}}, max_retries=2)
+    client, _ = await vertex_factory({"default": {"status": 503}}, max_retries=2)
     report = await client.generate(
         model="m", request=REQUEST, regions=REGIONS, preferred="us-central1"
     )
@@ -145,7 +137,7 @@ async def test_retries_stop_at_the_configured_count(vertex_factory: Callable[...
 
 async def test_failing_region_breaker_opens(vertex_factory: Callable[..., Any]) -> None:
     """After a 503 the region cools down; the next job starts in the next region."""
-    client, _ = vertex_factory({"regions": {"us-central1": {"status": 503}}}, cooldown_s=30)
+    client, _ = await vertex_factory({"regions": {"us-central1": {"status": 503}}}, cooldown_s=30)
     await client.generate(model="m", request=REQUEST, regions=REGIONS, preferred="us-central1")
     second = await client.generate(
         model="m", request=REQUEST, regions=REGIONS, preferred="us-central1"
@@ -156,7 +148,7 @@ async def test_failing_region_breaker_opens(vertex_factory: Callable[..., Any]) 
 
 async def test_timeout_is_transient(vertex_factory: Callable[..., Any]) -> None:
     """An attempt past VERTEX_TIMEOUT_S counts as a transient 504 and moves on."""
-    client, _ = vertex_factory(
+    client, _ = await vertex_factory(
         {"regions": {"us-central1": {"latency_s": 5}}}, attempt_timeout_s=0.2
     )
     report = await client.generate(
@@ -168,8 +160,36 @@ async def test_timeout_is_transient(vertex_factory: Callable[..., Any]) -> None:
 
 async def test_pinned_region_is_never_left(vertex_factory: Callable[..., Any]) -> None:
     """A job allowed only one region retries there and nowhere else."""
-    client, _ = vertex_factory({"regions": {"europe-west4": {"script": [503]}}})
+    client, _ = await vertex_factory({"regions": {"europe-west4": {"script": [503]}}})
     report = await client.generate(
         model="m", request=REQUEST, regions=["europe-west4"], preferred="europe-west4"
     )
     assert report.regions == ("europe-west4", "europe-west4")
+
+
+async def test_unreachable_endpoint_is_transient() -> None:
+    """A refused connection is a 503 UNAVAILABLE for every attempt, each counted as a call."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, never listening: connections are refused
+        async with http_session() as session:
+            client = VertexClient(
+                session,
+                project="p",
+                pool=RegionPool(PoolConfig(cooldown_initial_s=0.001, cooldown_max_s=0.001)),
+                policy=RetryPolicy(
+                    max_retries=1,
+                    backoff_initial_s=0.001,
+                    backoff_max_s=0.001,
+                    attempt_timeout_s=5,
+                    budget_s=5,
+                ),
+                endpoint=f"http://127.0.0.1:{port}",
+            )
+            report = await client.generate(
+                model="m", request=REQUEST, regions=REGIONS, preferred="us-central1"
+            )
+    assert report.error is not None and report.error.transient
+    assert report.error.error.code == 503 and report.error.error.status == "UNAVAILABLE"
+    assert report.error.error.message.startswith("connection failed")
+    assert report.regions == ("us-central1", "europe-west4")
