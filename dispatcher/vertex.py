@@ -192,6 +192,13 @@ class VertexClient:
         self._endpoint = endpoint
         self._credentials = credentials
         self._urls: dict[tuple[str, str], URL] = {}
+        # Built once: tenacity's combinators cost measurable CPU when made per call.
+        self._stop = stop_after_attempt(policy.max_retries + 1) | stop_before_delay(policy.budget_s)
+        # Exponential from the initial delay, capped, plus up to one initial delay of jitter.
+        self._backoff = wait_exponential(
+            multiplier=policy.backoff_initial_s, max=policy.backoff_max_s
+        ) + wait_random(0, policy.backoff_initial_s)
+        self._retry = retry_if_exception(is_transient)
 
     def url_for(self, model: str, region: str) -> str:
         """The generateContent URL of `model` in `region`."""
@@ -229,25 +236,15 @@ class VertexClient:
         # REGION_STRATEGY=naive keeps every retry in the job's region (the benchmark baseline).
         order = _rotate(regions, preferred) if self._pool.retries_move else [preferred]
         tried = [] if tried is None else tried
-        policy = self._policy
-        # Exponential from the initial delay, capped, plus up to one initial delay of jitter.
-        exponential = wait_exponential(
-            multiplier=policy.backoff_initial_s, max=policy.backoff_max_s
-        ) + wait_random(0, policy.backoff_initial_s)
 
         def wait(state: RetryCallState) -> float:
             # The backoff protects a region, not the job: moving to another region
             # needs no pause, coming back to one already tried does.
             if len(set(tried)) < len(order):
                 return 0.0
-            return float(exponential(state))
+            return float(self._backoff(state))
 
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(policy.max_retries + 1) | stop_before_delay(policy.budget_s),
-            wait=wait,
-            retry=retry_if_exception(is_transient),
-            reraise=True,
-        )
+        retrying = AsyncRetrying(stop=self._stop, wait=wait, retry=self._retry, reraise=True)
         try:
             async for attempt in retrying:
                 with attempt:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -220,3 +221,23 @@ async def test_in_process_queue_refuses_past_its_bound(
     with pytest.raises(Overloaded) as caught:
         queue.admit()
     assert caught.value.retry_after_s >= 1
+
+
+async def test_lease_is_renewed_while_the_call_lasts(
+    bench_factory: Callable[..., Awaitable[Bench]], job_factory: Callable[..., Job]
+) -> None:
+    """A call longer than the lease keeps it (renewed every third), so no second run starts."""
+    bench = await bench_factory({"default": {"latency_s": 1.0}}, lease_s=0.3)
+    job = job_factory()
+    await bench.manager.store.create(job)
+    first = asyncio.create_task(bench.executor.run(job.job_id))
+    await asyncio.sleep(0.7)  # more than two lease lengths into the call
+    running = await bench.manager.get(job.job_id)
+    assert running is not None and running.status is JobStatus.RUNNING
+    assert running.lease_until is not None and running.lease_until > datetime.now(UTC)
+    second = await bench.executor.run(job.job_id)
+    assert second.result is RunResult.RETRY
+    assert (await first).result is RunResult.DONE
+    done = await bench.manager.get(job.job_id)
+    assert done is not None and done.status is JobStatus.SUCCEEDED
+    assert (await bench.stats())["total_calls"] == 1
