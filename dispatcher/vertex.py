@@ -270,7 +270,7 @@ class VertexClient:
             UPSTREAM_LATENCY.labels(slot.region).observe(time.perf_counter() - started)
             outcome = "200" if failure is None else str(failure.error.code)
             UPSTREAM_CALLS.labels(slot.region, outcome).inc()
-            await self._pool.release(slot, health_outcome(failure))
+            self._pool.release(slot, health_outcome(failure))
 
     async def _post(self, model: str, region: str, request: JsonObject) -> JsonObject:
         headers = {"Content-Type": "application/json"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Callable
 
 import pytest
@@ -78,7 +79,7 @@ async def test_failure_opens_breaker_and_next_region_is_used() -> None:
     pool = RegionPool(PoolConfig(cooldown_initial_s=2), clock=ticks)
     slot = await pool.acquire(REGIONS)
     assert slot.region == "a-east1"
-    await pool.release(slot, Outcome.FAILED)
+    pool.release(slot, Outcome.FAILED)
     assert pool.state("a-east1").breaker is Breaker.OPEN
     assert (await pool.acquire(REGIONS)).region == "b-west1"
 
@@ -87,12 +88,12 @@ async def test_half_open_allows_one_probe_then_closes_on_success() -> None:
     """After the cooldown one probe goes through; success closes the breaker."""
     ticks = Ticks()
     pool = RegionPool(PoolConfig(cooldown_initial_s=2), clock=ticks)
-    await pool.release(await pool.acquire(["a-east1"]), Outcome.FAILED)
+    pool.release(await pool.acquire(["a-east1"]), Outcome.FAILED)
     ticks.now += 2.5
     probe = await pool.acquire(["a-east1", "b-west1"])
     assert probe.region == "a-east1" and probe.probe
     assert (await pool.acquire(["a-east1", "b-west1"])).region == "b-west1"
-    await pool.release(probe, Outcome.SUCCESS)
+    pool.release(probe, Outcome.SUCCESS)
     assert pool.state("a-east1").breaker is Breaker.CLOSED
 
 
@@ -103,7 +104,7 @@ async def test_cooldown_doubles_while_failing_and_is_capped() -> None:
     cooldowns = []
     for _ in range(5):
         slot = await pool.acquire(["a-east1"], deadline_s=0)
-        await pool.release(slot, Outcome.FAILED)
+        pool.release(slot, Outcome.FAILED)
         cooldowns.append(pool.state("a-east1").cooldown_s)
         ticks.now += 10
     assert cooldowns == [1, 2, 4, 4, 4]
@@ -114,17 +115,17 @@ async def test_overload_halves_limit_once_per_round() -> None:
     pool = RegionPool(PoolConfig(concurrency_initial=10, decrease_factor=0.5, overloads_to_open=99))
     slots = [await pool.acquire(["a-east1"]) for _ in range(4)]
     for slot in slots:
-        await pool.release(slot, Outcome.OVERLOADED)
+        pool.release(slot, Outcome.OVERLOADED)
     assert pool.state("a-east1").limit == 5
 
 
 async def test_success_grows_limit_additively_after_overload() -> None:
     """After the first 429 the limit grows by about one per limit's worth of successes."""
     pool = RegionPool(PoolConfig(concurrency_initial=4, decrease_factor=0.5, overloads_to_open=99))
-    await pool.release(await pool.acquire(["a-east1"]), Outcome.OVERLOADED)
+    pool.release(await pool.acquire(["a-east1"]), Outcome.OVERLOADED)
     assert pool.state("a-east1").limit == 2
     for _ in range(2):
-        await pool.release(await pool.acquire(["a-east1"]), Outcome.SUCCESS)
+        pool.release(await pool.acquire(["a-east1"]), Outcome.SUCCESS)
     assert pool.state("a-east1").limit == pytest.approx(2 + 1 / 2 + 1 / 2.5)
 
 
@@ -135,9 +136,39 @@ async def test_call_waits_for_a_free_slot_instead_of_overflowing() -> None:
     waiter = asyncio.create_task(pool.acquire(["a-east1"]))
     await asyncio.sleep(0.05)
     assert not waiter.done()
-    await pool.release(held, Outcome.NEUTRAL)
+    pool.release(held, Outcome.NEUTRAL)
     slot = await asyncio.wait_for(waiter, 1)
     assert slot.region == "a-east1"
+
+
+async def test_released_slot_goes_to_the_oldest_waiter_not_a_newcomer() -> None:
+    """A release hands its slot to the call that waited; one arriving later waits its turn."""
+    pool = RegionPool(PoolConfig(concurrency_initial=1, concurrency_max=1))
+    held = await pool.acquire(["a-east1"])
+    first = asyncio.create_task(pool.acquire(["a-east1"]))
+    await asyncio.sleep(0.01)
+    pool.release(held, Outcome.SUCCESS)
+    # Runs before `first` is scheduled again: it must not take the slot handed to `first`.
+    started = time.monotonic()
+    late = await pool.acquire(["a-east1"], deadline_s=0.05)  # forced after waiting 0.05 s
+    assert time.monotonic() - started >= 0.05
+    assert (await asyncio.wait_for(first, 1)).region == late.region == "a-east1"
+
+
+async def test_slot_handed_to_a_cancelled_waiter_is_given_back() -> None:
+    """A waiter cancelled after being handed a slot returns it to the next waiter."""
+    pool = RegionPool(PoolConfig(concurrency_initial=1, concurrency_max=1))
+    held = await pool.acquire(["a-east1"])
+    cancelled = asyncio.create_task(pool.acquire(["a-east1"]))
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(pool.acquire(["a-east1"]))
+    await asyncio.sleep(0.01)
+    pool.release(held, Outcome.SUCCESS)  # hands the slot to `cancelled`...
+    cancelled.cancel()  # ...which is cancelled before it runs again
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert (await asyncio.wait_for(second, 1)).region == "a-east1"
+    assert pool.state("a-east1").in_flight == 1
 
 
 async def test_avoided_region_used_only_as_last_resort() -> None:
@@ -151,7 +182,7 @@ async def test_all_regions_cooling_waits_then_probes() -> None:
     """When every region is open, acquire waits (bounded) and then probes one anyway."""
     pool = RegionPool(PoolConfig(cooldown_initial_s=60, wait_max_s=0.05))
     for region in REGIONS:
-        await pool.release(await pool.acquire([region]), Outcome.FAILED)
+        pool.release(await pool.acquire([region]), Outcome.FAILED)
     slot = await asyncio.wait_for(pool.acquire(REGIONS), 2)
     assert slot.region in REGIONS
 
@@ -179,7 +210,7 @@ async def test_naive_pool_has_no_breaker_and_ignores_avoid() -> None:
     """Naive: failures and 429s neither open a breaker nor lower a limit; `avoid` is ignored."""
     pool = naive_pool()
     for outcome in (Outcome.FAILED, Outcome.OVERLOADED, Outcome.OVERLOADED, Outcome.OVERLOADED):
-        await pool.release(await pool.acquire(REGIONS), outcome)
+        pool.release(await pool.acquire(REGIONS), outcome)
     state = pool.state("a-east1")
     assert state.breaker is Breaker.CLOSED
     assert state.limit == 1
