@@ -7,8 +7,10 @@ success) and an adaptive concurrency limit (additive increase on success,
 multiplicative decrease on 429, once per round of calls, as TCP does; near the
 limit where the last 429 came, growth slows down, as TCP CUBIC's does near its last
 window, and a 429 there again steps back by one call only, so the limit dwells at
-the region's capacity instead of saw-toothing below it). A call waits for a slot
-in a healthy region, bounded, instead of bouncing off a full one.
+the region's capacity instead of saw-toothing below it; each such 429 halves how
+often the same capacity is probed, until the limit grows past it). A call waits
+for a slot in a healthy region, bounded, instead of bouncing off a full one: a
+release hands its slot to the oldest waiting call that can use it.
 
 `RegionStrategy.NAIVE` switches all of that off and behaves like the example the
 project grew from: every call goes to the job's assigned region, with no limit and
@@ -85,8 +87,10 @@ class PoolConfig:
     concurrency_min: int = 1
     concurrency_max: int = 256
     decrease_factor: float = 0.7
-    # Within one call of the limit where the last 429 came, grow this many times slower.
+    # Within one call of the limit where the last 429 came, grow this many times slower;
+    # twice slower again each time a 429 there confirms the same capacity, up to the max.
     near_ceiling_slowdown: float = 8.0
+    near_ceiling_slowdown_max: float = 64.0
     wait_max_s: float = 30.0
     strategy: RegionStrategy = RegionStrategy.ADAPTIVE
 
@@ -105,6 +109,7 @@ class RegionState:
     probing: bool = False
     slow_start: bool = True
     ceiling: float = math.inf  # the limit when the last 429 came
+    slowdown: float = 8.0  # how much slower the limit grows near the ceiling
     epoch: int = 0  # bumped at each decrease; calls from an older epoch do not decrease again
     calls_by_outcome: dict[str, int] = field(default_factory=dict)
 
@@ -137,7 +142,11 @@ class RegionPool:
         """The live state of a region (created on first use)."""
         state = self._regions.get(region)
         if state is None:
-            state = RegionState(name=region, limit=float(self._config.concurrency_initial))
+            state = RegionState(
+                name=region,
+                limit=float(self._config.concurrency_initial),
+                slowdown=self._config.near_ceiling_slowdown,
+            )
             self._regions[region] = state
         return state
 
@@ -259,10 +268,13 @@ class RegionPool:
             elif abs(state.limit - state.ceiling) < 1.0:
                 # Near the last overload: the region's capacity is probably here, so
                 # stay (and probe slowly) rather than overshoot again at once.
-                step = 1.0 / (max(state.limit, 1.0) * config.near_ceiling_slowdown)
+                step = 1.0 / (max(state.limit, 1.0) * state.slowdown)
             else:
                 step = 1.0 / max(state.limit, 1.0)
             state.limit = min(float(config.concurrency_max), state.limit + step)
+            if state.limit >= state.ceiling + 1.0:
+                # Past the last overload without a 429: the capacity grew; probe freely.
+                state.slowdown = config.near_ceiling_slowdown
         elif outcome is Outcome.OVERLOADED:
             if slot.epoch == state.epoch:
                 # The first 429 of a round: the calls started with it saw the same full
@@ -272,10 +284,13 @@ class RegionPool:
                 state.epoch += 1
                 if abs(state.limit - state.ceiling) < 1.0:
                     # Where the last 429 came too: the capacity has not moved, this was
-                    # the slow probe above it. Step back below it, not far down.
+                    # the slow probe above it. Step back below it, not far down, and
+                    # probe it half as often from now on.
                     decreased = state.limit - 1.0
+                    state.slowdown = min(config.near_ceiling_slowdown_max, state.slowdown * 2)
                 else:
                     decreased = state.limit * config.decrease_factor
+                    state.slowdown = config.near_ceiling_slowdown
                 state.ceiling = state.limit
                 state.limit = max(float(config.concurrency_min), decreased)
             if slot.probe or state.failures >= config.overloads_to_open:

@@ -129,6 +129,24 @@ async def test_success_grows_limit_additively_after_overload() -> None:
     assert pool.state("a-east1").limit == pytest.approx(2 + 1 / 2 + 1 / 2.5)
 
 
+async def test_confirmed_capacity_is_probed_ever_more_rarely() -> None:
+    """Each 429 at the last 429's limit halves the growth there (to a cap); passing it resets."""
+    pool = RegionPool(PoolConfig(overloads_to_open=99, near_ceiling_slowdown_max=32))
+    state = pool.state("a-east1")
+    state.slow_start, state.limit, state.ceiling = False, 12.9, 12.95  # probing at the ceiling
+    for expected in (16, 32, 32):
+        pool.release(await pool.acquire(["a-east1"]), Outcome.OVERLOADED)
+        assert state.slowdown == expected
+        assert state.limit == pytest.approx(state.ceiling - 1)
+        state.limit = state.ceiling - 0.5  # grown back near the ceiling: the next round
+    before = state.limit
+    pool.release(await pool.acquire(["a-east1"]), Outcome.SUCCESS)
+    assert state.limit == pytest.approx(before + 1 / (before * 32))
+    state.limit = state.ceiling + 0.999
+    pool.release(await pool.acquire(["a-east1"]), Outcome.SUCCESS)  # past it: capacity grew
+    assert state.slowdown == 8
+
+
 async def test_call_waits_for_a_free_slot_instead_of_overflowing() -> None:
     """At the limit, acquire waits until a slot is released."""
     pool = RegionPool(PoolConfig(concurrency_initial=1, concurrency_min=1))
