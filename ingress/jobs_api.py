@@ -120,11 +120,13 @@ async def accept_job(request: Request, *, model_override: str | None) -> tuple[J
     except InvalidRequest as exc:
         raise HttpError(400, str(exc)) from None
     owner = caller_of(request)
-    request_hash = _request_hash(model_id, body)
+    # Only a key can replay a job, so only then is the request's hash needed.
+    request_hash = _request_hash(model_id, body) if key else None
     job_id = _idempotent_job_id(owner, key) if key else new_job_id()
     if key:
         earlier = await _get_or_503(runtime, job_id)
         if earlier is not None:
+            assert request_hash is not None
             return _replay(earlier, request_hash), True
     assert runtime.queue is not None
     try:
@@ -146,6 +148,8 @@ async def accept_job(request: Request, *, model_override: str | None) -> tuple[J
         await runtime.manager.store.create(job)
     except JobExists:
         runtime.queue.cancel_admission()
+        if request_hash is None:  # a random id already taken: practically never
+            raise HttpError(503, "the job could not be stored; try again") from None
         earlier = await _get_or_503(runtime, job_id)
         if earlier is None:  # expired between the two reads: practically never
             raise HttpError(503, "the job could not be stored; try again") from None
@@ -168,8 +172,12 @@ async def accept_job(request: Request, *, model_override: str | None) -> tuple[J
             log.error("could not mark unpublished job failed", extra={"job_id": job.job_id})
         raise HttpError(503, "the job could not be queued; try again") from None
     JOBS.labels("accepted").inc()
-    # DEBUG: one INFO line per job (its outcome) is what the log can afford at volume.
-    log.debug("job accepted", extra={"job_id": job.job_id, "region": region, "model": model_id})
+    # One INFO line per job per process: where this process runs the job too (modes 1
+    # and 2), its outcome line follows with the same id and trace, so this one is DEBUG.
+    level = logging.INFO if settings.mode is Mode.PUBSUB else logging.DEBUG
+    log.log(
+        level, "job accepted", extra={"job_id": job.job_id, "region": region, "model": model_id}
+    )
     return job, False
 
 
