@@ -671,6 +671,66 @@ async def _outage(standin: RawHttp, region: str, start_s: float, end_s: float) -
     await standin.request("PATCH", path, json.dumps({"status": 200}).encode())
 
 
+@dataclass
+class Ceiling:
+    """What a client holding exactly the capacity in flight gets, straight from the stand-in."""
+
+    calls_in_flight: int
+    duration_s: float
+    successes: int
+    calls_by_status: dict[str, int]
+    rate_per_s: float
+    share_of_limit: float
+
+
+def measure_ceiling(log_dir: Path, capacity: Capacity, *, duration_s: float = 5.0) -> Ceiling:
+    """The set-up's own ceiling: no dispatcher, a cheap client, every slot always busy.
+
+    Each of `concurrency` loops per region sends its next call the moment the last one is
+    answered, so what is lost against the limit is the HTTP round trip and the stand-in's
+    own CPU on this machine, the share no dispatcher can win back.
+    """
+    standin = start_standin(log_dir, capacity.standin_config())
+    try:
+
+        async def go() -> tuple[Counter[int], float]:
+            http = RawHttp(standin.url, len(capacity.regions) * capacity.concurrency)
+            body = json.dumps(prompt("ceiling")).encode()
+            statuses: Counter[int] = Counter()
+            started = time.monotonic()
+            end = started + duration_s
+
+            async def loop(region: str) -> None:
+                path = (
+                    f"/v1/projects/{PROJECT}/locations/{region}/publishers/google/models/"
+                    f"{MODEL}:generateContent"
+                )
+                while time.monotonic() < end:
+                    status, _, _ = await http.request("POST", path, body)
+                    statuses[status] += 1
+
+            try:
+                await asyncio.gather(
+                    *(loop(r) for r in capacity.regions for _ in range(capacity.concurrency))
+                )
+            finally:
+                await http.close()
+            return statuses, time.monotonic() - started
+
+        statuses, took = run_async(go())
+    finally:
+        standin.terminate(timeout=10)
+    rate = statuses[200] / took
+    return Ceiling(
+        calls_in_flight=len(capacity.regions) * capacity.concurrency,
+        duration_s=round(took, 2),
+        successes=statuses[200],
+        calls_by_status={str(k): v for k, v in sorted(statuses.items())},
+        rate_per_s=round(rate, 1),
+        share_of_limit=round(rate / capacity.jobs_per_s, 3),
+    )
+
+
 def per_second(
     calls_log: Sequence[tuple[float, str, int]], *, status: int | None, bucket_s: float = 0.5
 ) -> dict[str, list[tuple[float, float]]]:

@@ -12,11 +12,20 @@ from tests.benchmarks.harness import (
     Profiler,
     Strategy,
     bench_stack,
+    measure_ceiling,
     measure_push_rate,
     run_goodput,
 )
 from tests.benchmarks.report import Results
 from tests.support.emulators import Emulator
+
+
+@pytest.mark.timeout(60)
+def test_ceiling_without_dispatcher(results: Results, log_dir: Path) -> None:
+    """The limit's reachable share for a perfect client: what the goodput is measured beside."""
+    results.ceiling = measure_ceiling(log_dir, CAPACITY)
+    print(f"\n{results.ceiling}")
+    assert results.ceiling.calls_by_status.get("429", 0) == 0
 
 
 @pytest.mark.timeout(300)
