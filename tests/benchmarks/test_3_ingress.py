@@ -68,12 +68,14 @@ def finished_job_ids(stack: BenchStack, count: int, path: Path) -> Path:
 @pytest.mark.timeout(300)
 def test_ingress_mode1(results: Results, log_dir: Path) -> None:
     """Mode 1: accept path alone, paced at ~1,000/s, accept + execute, and GET /jobs/{id}."""
+    # The paced run decides the p99 target: twice as long, so its p99 rests on ~80
+    # requests rather than ~40 and one stall of this shared machine moves it less.
     runs = (
-        ("accept path, closed loop", SLOW_UPSTREAM, 8, 0),
-        ("accept path, paced ~1,000/s", SLOW_UPSTREAM, 13, 10),
-        ("accept + execute, closed loop", INSTANT_UPSTREAM, 8, 0),
+        ("accept path, closed loop", SLOW_UPSTREAM, 8, 0, DURATION_S),
+        ("accept path, paced ~1,000/s", SLOW_UPSTREAM, 13, 10, 2 * DURATION_S),
+        ("accept + execute, closed loop", INSTANT_UPSTREAM, 8, 0, DURATION_S),
     )
-    for load, standin, connections, delay_ms in runs:
+    for load, standin, connections, delay_ms, duration_s in runs:
         # The accept path queues ~2,000 jobs a second: room for them all, so no 429s.
         room = {"MAX_PENDING_JOBS": "30000"} if standin is SLOW_UPSTREAM else {}
         with bench_stack(
@@ -90,7 +92,7 @@ def test_ingress_mode1(results: Results, log_dir: Path) -> None:
                 load=load,
                 script="post_generate.lua",
                 connections=connections,
-                duration_s=DURATION_S,
+                duration_s=duration_s,
                 delay_ms=delay_ms,
             )
             profile = profiler.stop() if profiler else None
