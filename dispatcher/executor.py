@@ -142,6 +142,11 @@ class JobExecutor:
                     )
                 )
             raise
+        # The call's slot went to the oldest call waiting for one; let that call go out
+        # before this run's bookkeeping. Calls that started together end together, and
+        # without this yield a whole wave's records were written before any of the
+        # next wave's calls was sent, leaving the freed slots idle meanwhile.
+        await asyncio.sleep(0)
         # The region that gave the final answer (served or refused) becomes the job's
         # region; a job given back for a retry keeps its assigned one.
         progress = Progress(
