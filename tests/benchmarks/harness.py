@@ -1139,7 +1139,8 @@ def measure_push_rate(
 # (leaf first); the order matters: a Vertex call inside the executor counts as the call.
 PROFILE_BUCKETS: Final = (
     ("logging (JSON lines)", ("logging/__init__.py", "dispatcher/logs.py")),
-    ("Vertex call: httpx + aiohttp client", ("VertexClient._post",)),
+    # The ingress's only aiohttp use is the Vertex call (its protocol callbacks included).
+    ("Vertex call: aiohttp client", ("VertexClient._post", "aiohttp/")),
     ("executor: claim, retries, lease, record", ("JobExecutor.", "InProcessQueue._drain")),
     ("POST /generate handler", ("submit (ingress", "accept_job", "dispatcher/validation.py")),
     ("GET /jobs handler", ("job_status (ingress",)),
@@ -1191,7 +1192,7 @@ def summarize_profile(collapsed: str, top: int = 12) -> dict[str, Any]:
             continue
         count = int(count_text)
         total += count
-        frames = stack.split(";")
+        frames = _below_event_loop(stack.split(";"))
         own[_frame_name(frames[-1])] += count
         for label, needles in PROFILE_BUCKETS:
             if any(needle in frame for frame in frames for needle in needles):
@@ -1204,6 +1205,15 @@ def summarize_profile(collapsed: str, top: int = 12) -> dict[str, Any]:
         "buckets": [(label, round(n / total, 3)) for label, n in buckets.most_common()],
         "own": [(name, round(n / total, 3)) for name, n in own.most_common(top)],
     }
+
+
+def _below_event_loop(frames: list[str]) -> list[str]:
+    """The frames under the event loop's own: every loop callback's stack starts with
+    `uvicorn.run -> asyncio.run`, which must not file it under the HTTP server."""
+    for index in range(len(frames) - 1, -1, -1):
+        if frames[index].startswith(("Runner.run ", "run_until_complete ")):
+            return frames[index + 1 :] or frames[index:]
+    return frames
 
 
 def _frame_name(frame: str) -> str:
