@@ -192,8 +192,6 @@ class VertexClient:
         self._endpoint = endpoint
         self._credentials = credentials
         self._urls: dict[tuple[str, str], URL] = {}
-        # Built once: tenacity's combinators cost measurable CPU when made per call.
-        self._stop = stop_after_attempt(policy.max_retries + 1) | stop_before_delay(policy.budget_s)
         # Exponential from the initial delay, capped, plus up to one initial delay of jitter.
         self._backoff = wait_exponential(
             multiplier=policy.backoff_initial_s, max=policy.backoff_max_s
