@@ -11,7 +11,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import aiohttp
 from prometheus_client import CollectorRegistry
 
 from dispatcher.cache import FinishedJobCache
@@ -73,122 +72,121 @@ async def open_runtime(settings: Settings, *, executes: bool) -> AsyncIterator[R
         executes: Whether this process calls Vertex (the worker; the ingress in
             modes 1 and 2).
     """
-    store = build_store(settings)
-    manager = JobManager(
-        store,
-        Lifecycle(
-            lease_s=settings.lease_s,
-            job_ttl_s=settings.job_ttl_s,
-            publish_grace_s=settings.publish_grace_s,
-        ),
-    )
-    pool = RegionPool(
-        PoolConfig(
-            cooldown_initial_s=settings.region_cooldown_initial_s,
-            cooldown_max_s=settings.region_cooldown_max_s,
-            concurrency_initial=settings.region_concurrency_initial,
-            concurrency_min=settings.region_concurrency_min,
-            concurrency_max=settings.region_concurrency_max,
-            wait_max_s=settings.region_wait_max_s,
-            strategy=settings.region_strategy,
-        )
-    )
-    http: aiohttp.ClientSession | None = None
-    executor: JobExecutor | None = None
-    queue: JobQueue | None = None
-    sweeper: Sweeper | None = None
-    if executes:
-        budget_s = (
-            settings.push_ack_deadline_s * ACK_DEADLINE_SHARE
-            if settings.mode is Mode.PUBSUB
-            else float("inf")
-        )
-        http = http_session()
-        vertex = VertexClient(
-            http,
-            project=settings.project,
-            pool=pool,
-            policy=RetryPolicy(
-                max_retries=settings.vertex_max_retries,
-                backoff_initial_s=settings.vertex_backoff_initial_s,
-                backoff_max_s=settings.vertex_backoff_max_s,
-                attempt_timeout_s=min(settings.vertex_timeout_s, budget_s),
-                budget_s=budget_s,
+    # Whatever is opened is closed, also when a later part fails to build.
+    async with contextlib.AsyncExitStack() as resources:
+        store = build_store(settings)
+        resources.push_async_callback(store.close)
+        manager = JobManager(
+            store,
+            Lifecycle(
+                lease_s=settings.lease_s,
+                job_ttl_s=settings.job_ttl_s,
+                publish_grace_s=settings.publish_grace_s,
             ),
-            endpoint=settings.vertex_api_endpoint,
-            credentials=Credentials() if settings.vertex_sends_credentials else None,
         )
-        executor = JobExecutor(
-            manager,
-            vertex,
-            settings.models,
-            max_deliveries=settings.max_delivery_attempts,
-            requeue_delay_s=settings.requeue_delay_s,
+        pool = RegionPool(
+            PoolConfig(
+                cooldown_initial_s=settings.region_cooldown_initial_s,
+                cooldown_max_s=settings.region_cooldown_max_s,
+                concurrency_initial=settings.region_concurrency_initial,
+                concurrency_min=settings.region_concurrency_min,
+                concurrency_max=settings.region_concurrency_max,
+                wait_max_s=settings.region_wait_max_s,
+                strategy=settings.region_strategy,
+            )
         )
-    if settings.mode is Mode.PUBSUB:
-        from dispatcher.pubsub import PubSubQueue
+        executor: JobExecutor | None = None
+        queue: JobQueue | None = None
+        sweeper: Sweeper | None = None
+        if executes:
+            budget_s = (
+                settings.push_ack_deadline_s * ACK_DEADLINE_SHARE
+                if settings.mode is Mode.PUBSUB
+                else float("inf")
+            )
+            http = await resources.enter_async_context(http_session())
+            vertex = VertexClient(
+                http,
+                project=settings.project,
+                pool=pool,
+                policy=RetryPolicy(
+                    max_retries=settings.vertex_max_retries,
+                    backoff_initial_s=settings.vertex_backoff_initial_s,
+                    backoff_max_s=settings.vertex_backoff_max_s,
+                    attempt_timeout_s=min(settings.vertex_timeout_s, budget_s),
+                    budget_s=budget_s,
+                ),
+                endpoint=settings.vertex_api_endpoint,
+                credentials=Credentials() if settings.vertex_sends_credentials else None,
+            )
+            executor = JobExecutor(
+                manager,
+                vertex,
+                settings.models,
+                max_deliveries=settings.max_delivery_attempts,
+                requeue_delay_s=settings.requeue_delay_s,
+            )
+        if settings.mode is Mode.PUBSUB:
+            from dispatcher.pubsub import PubSubQueue
 
-        assert settings.pubsub_topic is not None
-        pubsub = PubSubQueue(project=settings.project, topic=settings.pubsub_topic)
-        queue = pubsub
-        sweeper = Sweeper(
-            manager,
-            pubsub,
-            interval_s=settings.sweep_interval_s,
-            max_deliveries=settings.max_delivery_attempts,
-        )
-    elif executor is not None:
-        in_process = InProcessQueue(
-            executor,
-            concurrency=settings.executor_concurrency,
-            max_pending=settings.max_pending_jobs,
-        )
-        queue = in_process
-        if settings.mode is Mode.FIRESTORE:
+            assert settings.pubsub_topic is not None
+            pubsub = PubSubQueue(project=settings.project, topic=settings.pubsub_topic)
+            queue = pubsub
             sweeper = Sweeper(
                 manager,
-                in_process,
+                pubsub,
                 interval_s=settings.sweep_interval_s,
                 max_deliveries=settings.max_delivery_attempts,
             )
-    manager.on_finished(lambda job: JOBS.labels(job.status.value).inc())
-    watcher = JobWatcher(manager, interval_s=WATCH_INTERVAL_S)
-    in_process_queue = queue if isinstance(queue, InProcessQueue) else None
-    registry = build_registry(
-        pool,
-        queued=lambda: in_process_queue.queued if in_process_queue else 0,
-        running=lambda: executor.running if executor else 0,
-    )
-    runtime = Runtime(
-        settings=settings,
-        manager=manager,
-        executor=executor,
-        queue=queue,
-        sweeper=sweeper,
-        pool=pool,
-        cache=FinishedJobCache(settings.cache_max_jobs),
-        round_robin={
-            model_id: RoundRobin(model.regions) for model_id, model in settings.models.items()
-        },
-        watcher=watcher,
-        registry=registry,
-    )
-    try:
-        if queue is not None:
-            await queue.start()
-        if sweeper is not None:
-            sweeper.start()
-        watcher.start()
-        yield runtime
-    finally:
-        await watcher.stop()
-        if sweeper is not None:
-            await sweeper.stop()
-        if queue is not None:
-            await queue.close()
-        if executor is not None:
-            # Runs cancelled by the server's shutdown hand their jobs back first.
-            await executor.wait_idle(timeout_s=SHUTDOWN_RELEASE_S)
-        if http is not None:
-            await http.close()
-        await store.close()
+        elif executor is not None:
+            in_process = InProcessQueue(
+                executor,
+                concurrency=settings.executor_concurrency,
+                max_pending=settings.max_pending_jobs,
+            )
+            queue = in_process
+            if settings.mode is Mode.FIRESTORE:
+                sweeper = Sweeper(
+                    manager,
+                    in_process,
+                    interval_s=settings.sweep_interval_s,
+                    max_deliveries=settings.max_delivery_attempts,
+                )
+        manager.on_finished(lambda job: JOBS.labels(job.status.value).inc())
+        watcher = JobWatcher(manager, interval_s=WATCH_INTERVAL_S)
+        in_process_queue = queue if isinstance(queue, InProcessQueue) else None
+        registry = build_registry(
+            pool,
+            queued=lambda: in_process_queue.queued if in_process_queue else 0,
+            running=lambda: executor.running if executor else 0,
+        )
+        runtime = Runtime(
+            settings=settings,
+            manager=manager,
+            executor=executor,
+            queue=queue,
+            sweeper=sweeper,
+            pool=pool,
+            cache=FinishedJobCache(settings.cache_max_jobs),
+            round_robin={
+                model_id: RoundRobin(model.regions) for model_id, model in settings.models.items()
+            },
+            watcher=watcher,
+            registry=registry,
+        )
+        try:
+            if queue is not None:
+                await queue.start()
+            if sweeper is not None:
+                sweeper.start()
+            watcher.start()
+            yield runtime
+        finally:
+            await watcher.stop()
+            if sweeper is not None:
+                await sweeper.stop()
+            if queue is not None:
+                await queue.close()
+            if executor is not None:
+                # Runs cancelled by the server's shutdown hand their jobs back first.
+                await executor.wait_idle(timeout_s=SHUTDOWN_RELEASE_S)
