@@ -780,7 +780,11 @@ def machine() -> str:
 
 
 def git_revision() -> str:
-    """The commit the tree is at, with `+changes` when it differs from it."""
+    """The commit the tree is at, with `+changes` when it differs from it.
+
+    The report's own outputs (BENCHMARKS.md, docs/benchmarks/) do not count: the charts
+    are written before the report, and a previous run's files may be uncommitted.
+    """
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -791,7 +795,16 @@ def git_revision() -> str:
             timeout=10,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                ":(exclude)BENCHMARKS.md",
+                ":(exclude)docs/benchmarks",
+            ],
             cwd=ROOT,
             capture_output=True,
             text=True,
