@@ -241,23 +241,25 @@ class RegionPool:
             else:
                 self._waiters.append(waiter)
 
-    def _give_back(self, slot: Slot) -> None:
-        """Return a slot that was never used for a call."""
+    def _free(self, slot: Slot) -> RegionState:
+        """Take the slot off its region's calls in flight (and end its probe)."""
         state = self.state(slot.region)
         state.in_flight = max(0, state.in_flight - 1)
         if slot.probe:
             state.probing = False
+        return state
+
+    def _give_back(self, slot: Slot) -> None:
+        """Return a slot that was never used for a call."""
+        self._free(slot)
         self._hand_over(wake_the_rest=False)
 
     def release(self, slot: Slot, outcome: Outcome) -> None:
         """Give a slot back and learn from how the call ended."""
-        state = self.state(slot.region)
-        state.in_flight = max(0, state.in_flight - 1)
+        state = self._free(slot)  # a naive slot is never a probe
         state.calls_by_outcome[outcome.value] = state.calls_by_outcome.get(outcome.value, 0) + 1
         if self._config.strategy is RegionStrategy.NAIVE:
             return  # nothing is learnt, and nobody waits
-        if slot.probe:
-            state.probing = False
         config = self._config
         if outcome is Outcome.SUCCESS:
             state.breaker = Breaker.CLOSED
