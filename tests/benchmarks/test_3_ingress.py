@@ -12,6 +12,7 @@ from tests.benchmarks.harness import (
     BenchStack,
     Profiler,
     RawHttp,
+    WrkResult,
     bench_stack,
     measure_added_latency,
     read_job,
@@ -68,6 +69,20 @@ def finished_job_ids(stack: BenchStack, count: int, path: Path) -> Path:
     return path
 
 
+def get_finished_jobs(stack: BenchStack, count: int, path: Path) -> WrkResult:
+    """wrk on GET /jobs/{id}, closed loop, over `count` jobs run to the end first."""
+    ids = finished_job_ids(stack, count, path)
+    return run_wrk(
+        stack,
+        endpoint="GET /jobs/{id}",
+        load="closed loop, finished jobs",
+        script="get_job.lua",
+        connections=8,
+        duration_s=DURATION_S,
+        job_ids_file=ids,
+    )
+
+
 @pytest.mark.timeout(300)
 def test_ingress_mode1(results: Results, log_dir: Path) -> None:
     """Mode 1: accept path alone, paced at ~1,000/s, accept + execute, and GET /jobs/{id}."""
@@ -105,16 +120,7 @@ def test_ingress_mode1(results: Results, log_dir: Path) -> None:
             results.wrk.append(result)
             print(f"\n{result}")
             if load.startswith("accept + execute"):
-                ids = finished_job_ids(stack, 500, log_dir / "mode1-ids.txt")
-                get = run_wrk(
-                    stack,
-                    endpoint="GET /jobs/{id}",
-                    load="closed loop, finished jobs",
-                    script="get_job.lua",
-                    connections=8,
-                    duration_s=DURATION_S,
-                    job_ids_file=ids,
-                )
+                get = get_finished_jobs(stack, 500, log_dir / "mode1-ids.txt")
                 results.wrk.append(get)
                 print(f"\n{get}")
     with bench_stack(
@@ -140,16 +146,7 @@ def test_ingress_mode3(
         added = measure_added_latency(stack, jobs=50, upstream_latency_s=0.05)
         results.added.append(added)
         print(f"\n{added}")
-        ids = finished_job_ids(stack, 100, log_dir / "mode3-ids.txt")
-        get = run_wrk(
-            stack,
-            endpoint="GET /jobs/{id}",
-            load="closed loop, finished jobs",
-            script="get_job.lua",
-            connections=8,
-            duration_s=DURATION_S,
-            job_ids_file=ids,
-        )
+        get = get_finished_jobs(stack, 100, log_dir / "mode3-ids.txt")
         post = run_wrk(
             stack,
             endpoint="POST /generate",
