@@ -1,7 +1,12 @@
 """Handing jobs to executors: the protocol, and the in-process queue of modes 1 and 2.
 
 In mode 3 the queue is Pub/Sub (`pubsub.py`). In modes 1 and 2 the ingress runs
-jobs itself on a bounded pool of tasks. Admission is bounded too: past
+jobs itself, one task per job under way. How many are under way follows the
+regions, not a constant: a job is started while fewer than a few runs are without a
+region slot (claiming the job, waiting for a slot, backing off, recording the
+result), so the calls in flight track the sum of the regions' adaptive limits as
+they grow and shrink, and jobs beyond that wait here, costing a queue entry each
+rather than a task and a lease. Admission is bounded too: past
 `max_pending` unfinished jobs a submission is refused with `Overloaded` (the
 ingress answers 429 with Retry-After) instead of growing memory without limit.
 A run that asks for a retry is put back on the queue after its delay, so modes
@@ -19,8 +24,18 @@ from typing import Protocol
 from dispatcher.errors import Overloaded
 from dispatcher.executor import JobExecutor, RunResult
 from dispatcher.jobs import Job
+from dispatcher.regions import RegionPool
 
 log = logging.getLogger(__name__)
+
+# Runs without a slot allowed at once: this share of the regions' capacity, at least
+# the floor. A run needs a few ms (mode 1) to tens of ms (Firestore) before its call
+# and after it; this many ready keep every slot fed without holding leases early.
+SPARE_RUNS_SHARE = 8
+SPARE_RUNS_MIN = 8
+# The pump looks again at least this often: a slot taken by a waiting run makes room
+# without a run ending.
+PUMP_RECHECK_S = 0.05
 
 
 class JobQueue(Protocol):
@@ -56,21 +71,34 @@ class JobQueue(Protocol):
 
 
 class InProcessQueue:
-    """A bounded asyncio queue drained by `concurrency` tasks running the executor."""
+    """An asyncio queue of job ids, started as the regions' free capacity allows."""
 
     def __init__(
         self,
         executor: JobExecutor,
         *,
-        concurrency: int,
+        pool: RegionPool,
+        regions: tuple[str, ...],
         max_pending: int,
+        max_runs: int | None = None,
     ) -> None:
+        """Args:
+        executor: Runs one job.
+        pool: The regions' health and limits, shared with the executor's Vertex client.
+        regions: Every region any configured model may use.
+        max_pending: Unfinished jobs admitted at most.
+        max_runs: An optional hard cap on runs under way (None: the regions decide).
+        """
         self._executor = executor
-        self._concurrency = concurrency
+        self._pool = pool
+        self._regions = regions
         self._max_pending = max_pending
+        self._max_runs = max_runs
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._admitted = 0
-        self._tasks: list[asyncio.Task[None]] = []
+        self._runs: set[asyncio.Task[None]] = set()
+        self._room = asyncio.Event()
+        self._pump_task: asyncio.Task[None] | None = None
         self._timers: set[asyncio.TimerHandle] = set()
 
     @property
@@ -80,8 +108,13 @@ class InProcessQueue:
 
     @property
     def queued(self) -> int:
-        """Jobs waiting for a task."""
+        """Jobs waiting to be started."""
         return self._queue.qsize()
+
+    @property
+    def runs(self) -> int:
+        """Jobs under way."""
+        return len(self._runs)
 
     def admit(self) -> None:
         """Reserve room for one job, or refuse with a Retry-After hint."""
@@ -103,42 +136,62 @@ class InProcessQueue:
         self._queue.put_nowait(job.job_id)
 
     async def start(self) -> None:
-        """Start the worker tasks."""
-        self._tasks = [
-            asyncio.create_task(self._drain(), name=f"executor-{i}")
-            for i in range(self._concurrency)
-        ]
+        """Start the pump that turns queued ids into runs."""
+        self._pump_task = asyncio.create_task(self._pump(), name="executor-pump")
 
     async def close(self) -> None:
-        """Cancel the tasks; a job being run is released by the executor for another run."""
+        """Stop starting runs and cancel those under way; each releases its job."""
         for timer in self._timers:
             timer.cancel()
-        for task in self._tasks:
+        tasks = [*self._runs, *([self._pump_task] if self._pump_task else [])]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._tasks = []
+        self._runs.clear()
+        self._pump_task = None
 
-    async def _drain(self) -> None:
+    def has_room(self) -> bool:
+        """Whether another run may start now."""
+        if self._max_runs is not None and len(self._runs) >= self._max_runs:
+            return False
+        without_slot = len(self._runs) - self._pool.in_flight
+        spare = max(SPARE_RUNS_MIN, self._pool.capacity(self._regions) // SPARE_RUNS_SHARE)
+        return without_slot < spare
+
+    async def _pump(self) -> None:
         while True:
             job_id = await self._queue.get()
-            requeued = False
-            try:
-                outcome = await self._executor.run(job_id)
-                if outcome.result is RunResult.RETRY:
-                    self._requeue_later(job_id, outcome.retry_after_s)
-                    requeued = True
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # The store was unreachable, or something unforeseen: keep the job.
-                log.exception("run failed; requeueing", extra={"job_id": job_id})
-                self._requeue_later(job_id, 1.0)
+            while not self.has_room():
+                self._room.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._room.wait(), PUMP_RECHECK_S)
+            task = asyncio.create_task(self._run(job_id))
+            self._runs.add(task)
+            task.add_done_callback(self._run_ended)
+
+    def _run_ended(self, task: asyncio.Task[None]) -> None:
+        self._runs.discard(task)
+        self._room.set()
+
+    async def _run(self, job_id: str) -> None:
+        requeued = False
+        try:
+            outcome = await self._executor.run(job_id)
+            if outcome.result is RunResult.RETRY:
+                self._requeue_later(job_id, outcome.retry_after_s)
                 requeued = True
-            finally:
-                if not requeued:
-                    self._admitted = max(0, self._admitted - 1)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The store was unreachable, or something unforeseen: keep the job.
+            log.exception("run failed; requeueing", extra={"job_id": job_id})
+            self._requeue_later(job_id, 1.0)
+            requeued = True
+        finally:
+            if not requeued:
+                self._admitted = max(0, self._admitted - 1)
 
     def _requeue_later(self, job_id: str, delay_s: float) -> None:
         loop = asyncio.get_running_loop()

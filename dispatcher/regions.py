@@ -12,10 +12,16 @@ often the same capacity is probed, until the limit grows past it). A call waits
 for a slot in a healthy region, bounded, instead of bouncing off a full one: a
 release hands its slot to the oldest waiting call that can use it.
 
+The pool also tells how many calls the regions take now (`capacity`) and how many
+hold a slot (`in_flight`): the in-process queue of modes 1 and 2 starts a job only
+while few runs are without a slot, so the calls in flight follow the sum of the
+regions' learned limits instead of a constant of the dispatcher's own.
+
 `RegionStrategy.NAIVE` switches all of that off and behaves like the example the
-project grew from: every call goes to the job's assigned region, with no limit and
-no breaker, and the retries of a job stay there (with backoff). It exists as the
-baseline of the benchmarks (BENCHMARKS.md), not for production.
+project grew from: every call goes to the job's assigned region, which holds a fixed
+number of calls (`concurrency_initial`, never adapted, no breaker), and the retries
+of a job stay there (with backoff). It exists as the baseline of the benchmarks
+(BENCHMARKS.md), not for production.
 """
 
 from __future__ import annotations
@@ -85,7 +91,7 @@ class PoolConfig:
     overloads_to_open: int = 3
     concurrency_initial: int = 16
     concurrency_min: int = 1
-    concurrency_max: int = 256
+    concurrency_max: int = 1000
     decrease_factor: float = 0.7
     # Within one call of the limit where the last 429 came, grow this many times slower;
     # twice slower again each time a 429 there confirms the same capacity, up to the max.
@@ -150,6 +156,24 @@ class RegionPool:
             self._regions[region] = state
         return state
 
+    @property
+    def in_flight(self) -> int:
+        """Calls holding a slot, over every region."""
+        return sum(state.in_flight for state in self._regions.values())
+
+    @property
+    def waiting(self) -> int:
+        """Calls waiting for a slot."""
+        return len(self._waiters)
+
+    def capacity(self, regions: Sequence[str]) -> int:
+        """How many calls `regions` take at once now: their limits, one probe per unhealthy one."""
+        total = 0
+        for region in regions:
+            state = self.state(region)
+            total += int(state.limit) if state.breaker is Breaker.CLOSED else 1
+        return total
+
     def snapshot(self) -> dict[str, RegionState]:
         """Every region seen so far, by name."""
         return dict(self._regions)
@@ -179,10 +203,8 @@ class RegionPool:
             deadline_s: How long to wait at most (default: the configured bound).
         """
         if self._config.strategy is RegionStrategy.NAIVE:
-            # No limit, no health: the first candidate (the job's region), at once.
-            state = self.state(candidates[0])
-            state.in_flight += 1
-            return Slot(region=state.name, epoch=state.epoch, probe=False)
+            # No health, a fixed limit: the first candidate (the job's region) only.
+            candidates, avoid = candidates[:1], ()
         wait_s = self._config.wait_max_s if deadline_s is None else deadline_s
         give_up_at = self._clock() + wait_s
         while True:
@@ -259,7 +281,8 @@ class RegionPool:
         state = self._free(slot)  # a naive slot is never a probe
         state.calls_by_outcome[outcome.value] = state.calls_by_outcome.get(outcome.value, 0) + 1
         if self._config.strategy is RegionStrategy.NAIVE:
-            return  # nothing is learnt, and nobody waits
+            self._hand_over(wake_the_rest=False)  # nothing is learnt
+            return
         config = self._config
         if outcome is Outcome.SUCCESS:
             state.breaker = Breaker.CLOSED

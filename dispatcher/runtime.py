@@ -141,8 +141,12 @@ async def open_runtime(settings: Settings, *, executes: bool) -> AsyncIterator[R
         elif executor is not None:
             in_process = InProcessQueue(
                 executor,
-                concurrency=settings.executor_concurrency,
+                pool=pool,
+                regions=tuple(
+                    dict.fromkeys(r for model in settings.models.values() for r in model.regions)
+                ),
                 max_pending=settings.max_pending_jobs,
+                max_runs=settings.executor_concurrency or None,
             )
             queue = in_process
             if settings.mode is Mode.FIRESTORE:

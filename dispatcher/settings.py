@@ -63,7 +63,7 @@ class Settings:
     job_ttl_s: int = 7 * 24 * 3600
     memory_max_jobs: int = 100_000
     cache_max_jobs: int = 10_000
-    executor_concurrency: int = 64
+    executor_concurrency: int = 0  # 0: no cap of its own, the regions' limits decide
     max_pending_jobs: int = 10_000
     lease_s: float = 60.0
     push_ack_deadline_s: float = 600.0
@@ -75,7 +75,7 @@ class Settings:
     region_cooldown_max_s: float = 60.0
     region_concurrency_initial: int = 16
     region_concurrency_min: int = 1
-    region_concurrency_max: int = 256
+    region_concurrency_max: int = 1000
     region_wait_max_s: float = 30.0
     sync_timeout_s: float = 300.0
     region_strategy: RegionStrategy = RegionStrategy.ADAPTIVE
@@ -177,7 +177,9 @@ class Settings:
             job_ttl_s=reader.number("JOB_TTL_S", int, 7 * 24 * 3600, low=60, high=10**9),
             memory_max_jobs=reader.number("MEMORY_MAX_JOBS", int, 100_000, low=1, high=10**8),
             cache_max_jobs=reader.number("CACHE_MAX_JOBS", int, 10_000, low=0, high=10**8),
-            executor_concurrency=reader.number("EXECUTOR_CONCURRENCY", int, 64, low=1, high=10_000),
+            executor_concurrency=reader.number(
+                "EXECUTOR_CONCURRENCY", int, 0, low=0, high=1_000_000
+            ),
             max_pending_jobs=reader.number("MAX_PENDING_JOBS", int, 10_000, low=1, high=10**7),
             lease_s=reader.number("LEASE_S", float, 60.0, low=1.0, high=3600.0),
             push_ack_deadline_s=reader.number(
@@ -200,7 +202,7 @@ class Settings:
                 "REGION_CONCURRENCY_MIN", int, 1, low=1, high=100_000
             ),
             region_concurrency_max=reader.number(
-                "REGION_CONCURRENCY_MAX", int, 256, low=1, high=100_000
+                "REGION_CONCURRENCY_MAX", int, 1000, low=1, high=100_000
             ),
             region_wait_max_s=reader.number("REGION_WAIT_MAX_S", float, 30.0, low=0.0, high=3600),
             sync_timeout_s=reader.number("SYNC_TIMEOUT_S", float, 300.0, low=1.0, high=3600),

@@ -15,7 +15,7 @@ from dispatcher.executor import JobExecutor, RunResult
 from dispatcher.jobs import Job, JobStatus
 from dispatcher.lifecycle import JobManager, Lifecycle
 from dispatcher.memory_store import MemoryJobStore
-from dispatcher.queue import InProcessQueue
+from dispatcher.queue import SPARE_RUNS_MIN, InProcessQueue
 from dispatcher.regions import PoolConfig, RegionPool
 from dispatcher.settings import ModelConfig
 from dispatcher.vertex import RetryPolicy, VertexClient
@@ -30,6 +30,7 @@ class Bench:
     executor: JobExecutor
     manager: JobManager
     standin: ServedStandin
+    pool: RegionPool
 
     async def stats(self) -> dict[str, Any]:
         return await self.standin.stats()
@@ -46,16 +47,20 @@ async def bench_factory() -> AsyncIterator[Callable[..., Awaitable[Bench]]]:
             max_deliveries: int = 3,
             max_retries: int = 1,
             lease_s: float = 30.0,
+            pool_config: PoolConfig | None = None,
         ) -> Bench:
             standin = await stack.enter_async_context(serving_standin(config))
             manager = JobManager(
                 MemoryJobStore(max_jobs=1000),
                 Lifecycle(lease_s=lease_s, job_ttl_s=3600, publish_grace_s=60),
             )
+            pool = RegionPool(
+                pool_config or PoolConfig(cooldown_initial_s=0.01, cooldown_max_s=0.02)
+            )
             vertex = VertexClient(
                 standin.session,
                 project="p",
-                pool=RegionPool(PoolConfig(cooldown_initial_s=0.01, cooldown_max_s=0.02)),
+                pool=pool,
                 policy=RetryPolicy(
                     max_retries=max_retries,
                     backoff_initial_s=0.001,
@@ -72,7 +77,7 @@ async def bench_factory() -> AsyncIterator[Callable[..., Awaitable[Bench]]]:
                 max_deliveries=max_deliveries,
                 requeue_delay_s=0.01,
             )
-            return Bench(executor=executor, manager=manager, standin=standin)
+            return Bench(executor=executor, manager=manager, standin=standin, pool=pool)
 
         yield make
 
@@ -189,7 +194,7 @@ async def test_in_process_queue_requeues_until_success(
     """In modes 1 and 2 a retried job is put back on the queue and finishes."""
     every_region_fails_once = {"regions": {region: {"script": [503]} for region in REGIONS}}
     bench = await bench_factory(every_region_fails_once, max_deliveries=5, max_retries=0)
-    queue = InProcessQueue(bench.executor, concurrency=2, max_pending=10)
+    queue = InProcessQueue(bench.executor, pool=bench.pool, regions=REGIONS, max_pending=10)
     await queue.start()
     try:
         job = job_factory()
@@ -215,12 +220,80 @@ async def test_in_process_queue_refuses_past_its_bound(
     """Admission past MAX_PENDING_JOBS raises Overloaded with a Retry-After hint."""
     from dispatcher.errors import Overloaded
 
-    queue = InProcessQueue((await bench_factory()).executor, concurrency=1, max_pending=2)
+    bench = await bench_factory()
+    queue = InProcessQueue(bench.executor, pool=bench.pool, regions=REGIONS, max_pending=2)
     queue.admit()
     queue.admit()
     with pytest.raises(Overloaded) as caught:
         queue.admit()
     assert caught.value.retry_after_s >= 1
+
+
+async def _run_all(bench: Bench, queue: InProcessQueue, jobs: list[Job]) -> int:
+    """Queue the jobs, wait until all have finished; the most runs seen under way at once."""
+    for job in jobs:
+        await bench.manager.store.create(job)
+        queue.admit()
+        await queue.dispatch(job)
+    most_runs = 0
+    while queue.unfinished:
+        most_runs = max(most_runs, queue.runs)
+        await asyncio.sleep(0.005)
+    return most_runs
+
+
+async def test_in_process_queue_follows_the_regions_limits_past_any_constant(
+    bench_factory: Callable[..., Awaitable[Bench]], job_factory: Callable[..., Job]
+) -> None:
+    """With regions taking 100 calls each, 300 slow calls are in flight at once, no fewer."""
+    bench = await bench_factory(
+        {"default": {"latency_s": 0.5, "capacity": 100}},
+        pool_config=PoolConfig(concurrency_initial=100, concurrency_max=100),
+    )
+    queue = InProcessQueue(bench.executor, pool=bench.pool, regions=REGIONS, max_pending=1000)
+    await queue.start()
+    try:
+        await _run_all(bench, queue, [job_factory() for _ in range(300)])
+    finally:
+        await queue.close()
+    stats = await bench.stats()
+    assert sum(r["max_in_flight"] for r in stats["regions"].values()) == 300
+    assert stats["total_calls"] == 300
+
+
+async def test_in_process_queue_starts_few_more_runs_than_the_regions_take(
+    bench_factory: Callable[..., Awaitable[Bench]], job_factory: Callable[..., Job]
+) -> None:
+    """Jobs past the regions' capacity wait queued, not as runs holding a lease."""
+    bench = await bench_factory(
+        {"default": {"latency_s": 0.05}},
+        pool_config=PoolConfig(concurrency_initial=2, concurrency_max=2),
+    )
+    queue = InProcessQueue(bench.executor, pool=bench.pool, regions=REGIONS, max_pending=1000)
+    await queue.start()
+    try:
+        most_runs = await _run_all(bench, queue, [job_factory() for _ in range(60)])
+    finally:
+        await queue.close()
+    capacity = 2 * len(REGIONS)
+    assert capacity < most_runs <= capacity + SPARE_RUNS_MIN
+
+
+async def test_in_process_queue_keeps_an_explicit_cap(
+    bench_factory: Callable[..., Awaitable[Bench]], job_factory: Callable[..., Job]
+) -> None:
+    """EXECUTOR_CONCURRENCY, when set, caps the runs under way whatever the regions take."""
+    bench = await bench_factory({"default": {"latency_s": 0.05}})
+    queue = InProcessQueue(
+        bench.executor, pool=bench.pool, regions=REGIONS, max_pending=1000, max_runs=3
+    )
+    await queue.start()
+    try:
+        most_runs = await _run_all(bench, queue, [job_factory() for _ in range(30)])
+    finally:
+        await queue.close()
+    assert most_runs == 3
+    assert (await bench.stats())["total_calls"] == 30
 
 
 async def test_lease_is_renewed_while_the_call_lasts(

@@ -215,12 +215,17 @@ def naive_pool() -> RegionPool:
     )
 
 
-async def test_naive_pool_ignores_limits_and_never_waits() -> None:
-    """Naive: every acquire returns the first candidate at once, however many are in flight."""
-    pool = naive_pool()
-    slots = [await asyncio.wait_for(pool.acquire(REGIONS), 0.1) for _ in range(5)]
+async def test_naive_pool_holds_a_fixed_limit_in_the_first_candidate() -> None:
+    """Naive: calls queue for the first candidate's fixed slots; a release lets the next go."""
+    pool = RegionPool(PoolConfig(strategy=RegionStrategy.NAIVE, concurrency_initial=2))
+    slots = [await asyncio.wait_for(pool.acquire(REGIONS), 0.1) for _ in range(2)]
     assert {slot.region for slot in slots} == {"a-east1"}
-    assert pool.state("a-east1").in_flight == 5
+    third = asyncio.create_task(pool.acquire(REGIONS))
+    await asyncio.sleep(0.01)
+    assert not third.done()  # the other regions are free, but naive never moves
+    pool.release(slots[0], Outcome.SUCCESS)
+    assert (await asyncio.wait_for(third, 0.1)).region == "a-east1"
+    assert pool.state("a-east1").limit == 2  # never learnt
     assert not pool.retries_move
 
 
