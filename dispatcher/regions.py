@@ -97,6 +97,11 @@ class PoolConfig:
     # twice slower again each time a 429 there confirms the same capacity, up to the max.
     near_ceiling_slowdown: float = 8.0
     near_ceiling_slowdown_max: float = 64.0
+    # A call still running this long after it was sent was admitted by the region: a
+    # full region answers 429 at once, long before a generation ends. The limit grows
+    # then, not at the end of the call, so it ramps up in round trips of the 429, not of
+    # the call: with 2 s calls, one round trip of the call is ten of these.
+    accept_window_s: float = 0.2
     wait_max_s: float = 30.0
     strategy: RegionStrategy = RegionStrategy.ADAPTIVE
 
@@ -115,18 +120,22 @@ class RegionState:
     probing: bool = False
     slow_start: bool = True
     ceiling: float = math.inf  # the limit when the last 429 came
+    floor: float = 0.0  # the lowest the 429s of the last decrease's round may take it
     slowdown: float = 8.0  # how much slower the limit grows near the ceiling
     epoch: int = 0  # bumped at each decrease; calls from an older epoch do not decrease again
     calls_by_outcome: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@dataclass(eq=False, kw_only=True, slots=True)
 class Slot:
     """Permission to make one call to `region`; give it back with `RegionPool.release`."""
 
     region: str
     epoch: int
     probe: bool
+    # Whether the limit already grew for this call (it outlived the accept window).
+    counted: bool = False
+    accept_timer: asyncio.TimerHandle | None = None
 
 
 class RegionPool:
@@ -265,6 +274,9 @@ class RegionPool:
 
     def _free(self, slot: Slot) -> RegionState:
         """Take the slot off its region's calls in flight (and end its probe)."""
+        if slot.accept_timer is not None:
+            slot.accept_timer.cancel()
+            slot.accept_timer = None
         state = self.state(slot.region)
         state.in_flight = max(0, state.in_flight - 1)
         if slot.probe:
@@ -288,18 +300,8 @@ class RegionPool:
             state.breaker = Breaker.CLOSED
             state.failures = 0
             state.cooldown_s = 0.0
-            if state.slow_start:
-                step = 1.0
-            elif abs(state.limit - state.ceiling) < 1.0:
-                # Near the last overload: the region's capacity is probably here, so
-                # stay (and probe slowly) rather than overshoot again at once.
-                step = 1.0 / (max(state.limit, 1.0) * state.slowdown)
-            else:
-                step = 1.0 / max(state.limit, 1.0)
-            state.limit = min(float(config.concurrency_max), state.limit + step)
-            if state.limit >= state.ceiling + 1.0:
-                # Past the last overload without a 429: the capacity grew; probe freely.
-                state.slowdown = config.near_ceiling_slowdown
+            if not slot.counted:
+                self._grow(state)
         elif outcome is Outcome.OVERLOADED:
             if slot.epoch == state.epoch:
                 # The first 429 of a round: the calls started with it saw the same full
@@ -314,10 +316,18 @@ class RegionPool:
                     decreased = state.limit - 1.0
                     state.slowdown = min(config.near_ceiling_slowdown_max, state.slowdown * 2)
                 else:
-                    decreased = state.limit * config.decrease_factor
+                    # The calls the region holds now are what it admitted: go there, but
+                    # never below the multiplicative decrease.
+                    decreased = max(state.limit * config.decrease_factor, state.in_flight)
                     state.slowdown = config.near_ceiling_slowdown
+                state.floor = min(decreased, state.limit * config.decrease_factor)
                 state.ceiling = state.limit
                 state.limit = max(float(config.concurrency_min), decreased)
+            elif slot.epoch == state.epoch - 1 and state.in_flight < state.limit:
+                # A later 429 of the same round: the calls sent with the first one are
+                # coming back refused, so what is still held is closer to the capacity.
+                state.limit = max(float(config.concurrency_min), state.floor, state.in_flight)
+                state.ceiling = min(state.ceiling, state.limit)
             if slot.probe or state.failures >= config.overloads_to_open:
                 self._open(state)
         elif outcome is Outcome.FAILED:
@@ -326,6 +336,32 @@ class RegionPool:
         # A plain release frees a slot for the oldest waiter that can use it; a
         # failure or an overload may change every waiter's plan, so all look again.
         self._hand_over(wake_the_rest=outcome not in (Outcome.SUCCESS, Outcome.NEUTRAL))
+
+    def _grow(self, state: RegionState) -> None:
+        """Raise the limit after an admitted call: +1 in slow start, else ~+1 per round."""
+        config = self._config
+        if state.slow_start:
+            step = 1.0
+        elif abs(state.limit - state.ceiling) < 1.0:
+            # Near the last overload: the region's capacity is probably here, so
+            # stay (and probe slowly) rather than overshoot again at once.
+            step = 1.0 / (max(state.limit, 1.0) * state.slowdown)
+        else:
+            step = 1.0 / max(state.limit, 1.0)
+        state.limit = min(float(config.concurrency_max), state.limit + step)
+        if state.limit >= state.ceiling + 1.0:
+            # Past the last overload without a 429: the capacity grew; probe freely.
+            state.slowdown = config.near_ceiling_slowdown
+
+    def _accepted(self, slot: Slot) -> None:
+        """The call outlived the accept window: the region admitted it; grow now."""
+        slot.accept_timer = None
+        state = self.state(slot.region)
+        if slot.probe or state.breaker is not Breaker.CLOSED:
+            return  # a probe closes the breaker at its end, not before
+        slot.counted = True
+        self._grow(state)
+        self._hand_over(wake_the_rest=False)
 
     def _open(self, state: RegionState) -> None:
         config = self._config
@@ -365,7 +401,12 @@ class RegionPool:
         if probe:
             state.probing = True
         state.in_flight += 1
-        return Slot(region=state.name, epoch=state.epoch, probe=probe)
+        slot = Slot(region=state.name, epoch=state.epoch, probe=probe)
+        if self._config.strategy is RegionStrategy.ADAPTIVE and self._config.accept_window_s > 0:
+            slot.accept_timer = asyncio.get_running_loop().call_later(
+                self._config.accept_window_s, self._accepted, slot
+            )
+        return slot
 
     def _next_reopen(self, candidates: Sequence[str]) -> float | None:
         now = self._clock()

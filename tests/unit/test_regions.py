@@ -284,3 +284,45 @@ async def test_retries_stay_in_the_assigned_region_only_when_naive(
         calls = [call["region"] for call in (await standin.control.get("/_standin/calls")).json()]
     assert calls == expected_regions
     assert list(report.regions) == expected_regions
+
+
+async def test_limit_grows_when_a_call_outlives_the_accept_window() -> None:
+    """A call still running after the accept window counts as admitted: the limit grows then."""
+    pool = RegionPool(PoolConfig(concurrency_initial=2, accept_window_s=0.02))
+    slots = [await pool.acquire(REGIONS[:1]) for _ in range(2)]
+    assert pool.state(REGIONS[0]).limit == 2
+    await asyncio.sleep(0.05)
+    assert pool.state(REGIONS[0]).limit == 4  # slow start: +1 per admitted call
+    for slot in slots:
+        pool.release(slot, Outcome.SUCCESS)
+    assert pool.state(REGIONS[0]).limit == 4  # not counted a second time at the end
+
+
+async def test_a_429_round_brings_the_limit_to_what_the_region_holds() -> None:
+    """After a round of 429s the limit is the calls still admitted, not a fixed fraction."""
+    pool = RegionPool(PoolConfig(concurrency_initial=20, accept_window_s=0))
+    slots = [await pool.acquire(REGIONS[:1]) for _ in range(20)]
+    refused, admitted = slots[:4], slots[4:]  # the region holds 16
+    for slot in refused:
+        pool.release(slot, Outcome.OVERLOADED)
+    state = pool.state(REGIONS[0])
+    assert state.limit == 16
+    assert state.breaker is Breaker.CLOSED
+    for slot in admitted:
+        pool.release(slot, Outcome.SUCCESS)
+
+
+async def test_a_429_never_cuts_the_limit_below_the_multiplicative_decrease() -> None:
+    """A 429 while few calls are held (someone else fills the region) cuts by 0.7 at most."""
+    pool = RegionPool(PoolConfig(concurrency_initial=20, accept_window_s=0))
+    slot = await pool.acquire(REGIONS[:1])
+    pool.release(slot, Outcome.OVERLOADED)
+    assert pool.state(REGIONS[0]).limit == pytest.approx(14.0)
+
+
+def test_capacity_counts_limits_and_one_probe_per_unhealthy_region() -> None:
+    """capacity() sums closed regions' limits and counts an open region as one probe."""
+    pool = RegionPool(PoolConfig(concurrency_initial=10))
+    pool.state(REGIONS[1]).breaker = Breaker.OPEN
+    assert pool.capacity(REGIONS) == 21
+    assert pool.in_flight == 0
