@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from google.api_core import exceptions as google_exceptions
@@ -26,6 +26,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from dispatcher.errors import JobExists, StoreUnavailable
 from dispatcher.jobs import Job, JsonObject
+from dispatcher.region_board import SharedRegion
 from dispatcher.store import Change
 
 INLINE_LIMIT = 256 * 1024  # bytes of JSON kept in the job document itself
@@ -55,6 +56,10 @@ class FirestoreJobStore:
     def connect(cls, *, project: str, database: str, collection: str) -> FirestoreJobStore:
         """A store with its own client (honours FIRESTORE_EMULATOR_HOST)."""
         return cls(firestore.AsyncClient(project=project, database=database), collection)
+
+    def region_board_store(self, ttl_s: float) -> FirestoreRegionBoardStore:
+        """The shared region records beside this collection, on the same client."""
+        return FirestoreRegionBoardStore(self._client, self._collection.id, ttl_s)
 
     async def create(self, job: Job) -> None:
         """Write a new job: large blobs first, then the document (the idempotency gate)."""
@@ -200,6 +205,72 @@ class FirestoreJobStore:
             else:
                 doc[blob] = json.loads(inline) if inline else None
         return Job.from_doc(doc)
+
+
+class FirestoreRegionBoardStore:
+    """The shared region records and instance heartbeats, beside the job collection.
+
+    `{collection}_regions/{region}` holds one region's `SharedRegion` fields, each
+    written alone (merge), so an opening and a capacity written by two instances do
+    not overwrite each other. `{collection}_instances/{id}` holds one heartbeat per
+    instance (one writer each) with `expire_at` for the TTL policy; counting them is
+    one aggregation query on a single field, served by the automatic index.
+    """
+
+    def __init__(self, client: firestore.AsyncClient, collection: str, ttl_s: float) -> None:
+        self._regions = client.collection(f"{collection}_regions")
+        self._instances = client.collection(f"{collection}_instances")
+        self._client = client
+        self._ttl_s = ttl_s
+
+    async def read_regions(self, regions: Sequence[str]) -> dict[str, SharedRegion]:
+        """The records among `regions`, in one batched read."""
+        refs = [self._regions.document(region) for region in regions]
+        try:
+            return {
+                snapshot.id: _shared_region(snapshot.id, snapshot.to_dict() or {})
+                async for snapshot in self._client.get_all(refs)
+                if snapshot.exists
+            }
+        except google_exceptions.GoogleAPIError as exc:
+            raise StoreUnavailable(f"Firestore read failed: {exc}") from exc
+
+    async def write_region(self, record: SharedRegion, fields: Sequence[str]) -> None:
+        """Merge `fields` of the record into its document."""
+        doc = {name: getattr(record, name) for name in fields}
+        try:
+            await self._regions.document(record.region).set(doc, merge=True)
+        except google_exceptions.GoogleAPIError as exc:
+            raise StoreUnavailable(f"Firestore write failed: {exc}") from exc
+
+    async def beat(self, instance_id: str, at: float) -> None:
+        """Write this instance's heartbeat."""
+        expire_at = datetime.fromtimestamp(at + self._ttl_s, UTC)
+        try:
+            await self._instances.document(instance_id).set({"seen_at": at, "expire_at": expire_at})
+        except google_exceptions.GoogleAPIError as exc:
+            raise StoreUnavailable(f"Firestore write failed: {exc}") from exc
+
+    async def count_instances(self, since: float) -> int:
+        """Heartbeats at or after `since`, counted server-side."""
+        query = self._instances.where(filter=FieldFilter("seen_at", ">=", since)).count()
+        try:
+            results = await query.get()  # type: ignore[call-arg]  # count() is typed as returning the class
+        except google_exceptions.GoogleAPIError as exc:
+            raise StoreUnavailable(f"Firestore query failed: {exc}") from exc
+        return int(results[0][0].value) if results and results[0] else 0
+
+
+def _shared_region(region: str, doc: dict[str, Any]) -> SharedRegion:
+    capacity = doc.get("capacity")
+    return SharedRegion(
+        region=region,
+        capacity=float(capacity) if isinstance(capacity, int | float) else None,
+        capacity_at=float(doc.get("capacity_at") or 0.0),
+        opened_at=float(doc.get("opened_at") or 0.0),
+        open_until=float(doc.get("open_until") or 0.0),
+        opened_by=str(doc.get("opened_by") or ""),
+    )
 
 
 def _is_contention(exc: BaseException) -> bool:

@@ -152,6 +152,51 @@ class RegionPool:
         # task one loop iteration at a time, which stalled releases for ~0.3 s while
         # the loop was busy accepting submissions.
         self._waiters: list[_Waiter] = []
+        self._listener: Callable[[str, RegionEvent], None] | None = None
+
+    def listen(self, listener: Callable[[str, RegionEvent], None]) -> None:
+        """Call `listener(region, event)` when a breaker opens or a 429 round cuts a limit."""
+        self._listener = listener
+
+    def adopt_opening(self, region: str, remaining_s: float) -> None:
+        """Open a region's breaker because another instance saw it fail.
+
+        Args:
+            region: The region.
+            remaining_s: How long the other instance keeps it open from now.
+        """
+        state = self.state(region)
+        if state.breaker is not Breaker.CLOSED or remaining_s <= 0:
+            return
+        state.breaker = Breaker.OPEN
+        state.cooldown_s = max(state.cooldown_s, remaining_s)
+        state.open_until = self._clock() + remaining_s
+        self._hand_over(wake_the_rest=True)
+
+    def adopt_share(self, region: str, share: float) -> None:
+        """Take this instance's share of a region's capacity learnt across instances.
+
+        A limit still in slow start jumps to the share (a new instance need not find the
+        capacity again); a learnt one only comes down to it. The share becomes the
+        ceiling, near which the limit grows slowly.
+        """
+        state = self.state(region)
+        share = max(float(self._config.concurrency_min), share)
+        state.limit = share if state.slow_start else min(state.limit, share)
+        state.slow_start = False
+        state.ceiling = share
+        self._hand_over(wake_the_rest=False)
+
+    def open_for_s(self, region: str) -> float:
+        """How long the region's breaker stays open from now (0 when it is not open)."""
+        state = self.state(region)
+        if state.breaker is not Breaker.OPEN:
+            return 0.0
+        return max(0.0, state.open_until - self._clock())
+
+    def _tell(self, region: str, event: RegionEvent) -> None:
+        if self._listener is not None:
+            self._listener(region, event)
 
     def state(self, region: str) -> RegionState:
         """The live state of a region (created on first use)."""
@@ -323,6 +368,7 @@ class RegionPool:
                 state.floor = min(decreased, state.limit * config.decrease_factor)
                 state.ceiling = state.limit
                 state.limit = max(float(config.concurrency_min), decreased)
+                self._tell(state.name, RegionEvent.DECREASED)
             elif slot.epoch == state.epoch - 1 and state.in_flight < state.limit:
                 # A later 429 of the same round: the calls sent with the first one are
                 # coming back refused, so what is still held is closer to the capacity.
@@ -372,6 +418,7 @@ class RegionPool:
         )
         state.breaker = Breaker.OPEN
         state.open_until = self._clock() + state.cooldown_s
+        self._tell(state.name, RegionEvent.OPENED)
 
     def _usable(self, state: RegionState) -> bool:
         if state.breaker is Breaker.OPEN and self._clock() >= state.open_until:
@@ -416,6 +463,13 @@ class RegionPool:
             if self.state(r).breaker is Breaker.OPEN
         ]
         return min(waits) if waits else None
+
+
+class RegionEvent(enum.Enum):
+    """A change in a region worth telling other instances (`RegionPool.listen`)."""
+
+    OPENED = "opened"  # the breaker opened
+    DECREASED = "decreased"  # a 429 round lowered the limit: the capacity was found
 
 
 @dataclass(eq=False, slots=True)

@@ -8,6 +8,7 @@ the mode decides which store and queue are used.
 from __future__ import annotations
 
 import contextlib
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from dispatcher.lifecycle import JobManager, Lifecycle
 from dispatcher.memory_store import MemoryJobStore
 from dispatcher.metrics import JOBS, build_registry
 from dispatcher.queue import InProcessQueue, JobQueue
+from dispatcher.region_board import RegionBoard
 from dispatcher.regions import PoolConfig, RegionPool, RoundRobin
 from dispatcher.settings import Mode, Settings
 from dispatcher.store import JobStore
@@ -43,6 +45,7 @@ class Runtime:
     queue: JobQueue | None
     sweeper: Sweeper | None
     pool: RegionPool
+    board: RegionBoard | None
     cache: FinishedJobCache
     round_robin: dict[str, RoundRobin]
     watcher: JobWatcher
@@ -98,6 +101,21 @@ async def open_runtime(settings: Settings, *, executes: bool) -> AsyncIterator[R
         executor: JobExecutor | None = None
         queue: JobQueue | None = None
         sweeper: Sweeper | None = None
+        board: RegionBoard | None = None
+        all_regions = tuple(
+            dict.fromkeys(r for model in settings.models.values() for r in model.regions)
+        )
+        if executes and settings.mode is not Mode.MEMORY and settings.region_sync_s > 0:
+            from dispatcher.firestore_store import FirestoreJobStore
+
+            assert isinstance(store, FirestoreJobStore)
+            board = RegionBoard(
+                pool,
+                store.region_board_store(ttl_s=max(3600.0, 10 * settings.region_sync_s)),
+                all_regions,
+                instance_id=secrets.token_hex(8),
+                interval_s=settings.region_sync_s,
+            )
         if executes:
             budget_s = (
                 settings.push_ack_deadline_s * ACK_DEADLINE_SHARE
@@ -142,9 +160,7 @@ async def open_runtime(settings: Settings, *, executes: bool) -> AsyncIterator[R
             in_process = InProcessQueue(
                 executor,
                 pool=pool,
-                regions=tuple(
-                    dict.fromkeys(r for model in settings.models.values() for r in model.regions)
-                ),
+                regions=all_regions,
                 max_pending=settings.max_pending_jobs,
                 max_runs=settings.executor_concurrency or None,
             )
@@ -171,6 +187,7 @@ async def open_runtime(settings: Settings, *, executes: bool) -> AsyncIterator[R
             queue=queue,
             sweeper=sweeper,
             pool=pool,
+            board=board,
             cache=FinishedJobCache(settings.cache_max_jobs),
             round_robin={
                 model_id: RoundRobin(model.regions) for model_id, model in settings.models.items()
@@ -183,10 +200,14 @@ async def open_runtime(settings: Settings, *, executes: bool) -> AsyncIterator[R
                 await queue.start()
             if sweeper is not None:
                 sweeper.start()
+            if board is not None:
+                board.start()
             watcher.start()
             yield runtime
         finally:
             await watcher.stop()
+            if board is not None:
+                await board.stop()
             if sweeper is not None:
                 await sweeper.stop()
             if queue is not None:

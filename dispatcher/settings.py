@@ -77,6 +77,7 @@ class Settings:
     region_concurrency_min: int = 1
     region_concurrency_max: int = 1000
     region_wait_max_s: float = 30.0
+    region_sync_s: float = 2.0
     sync_timeout_s: float = 300.0
     region_strategy: RegionStrategy = RegionStrategy.ADAPTIVE
     log_level: str = "INFO"
@@ -205,6 +206,7 @@ class Settings:
                 "REGION_CONCURRENCY_MAX", int, 1000, low=1, high=100_000
             ),
             region_wait_max_s=reader.number("REGION_WAIT_MAX_S", float, 30.0, low=0.0, high=3600),
+            region_sync_s=reader.number("REGION_SYNC_S", float, 2.0, low=0.0, high=3600),
             sync_timeout_s=reader.number("SYNC_TIMEOUT_S", float, 300.0, low=1.0, high=3600),
             region_strategy=RegionStrategy(
                 reader.choice(
