@@ -28,8 +28,10 @@ class PubSubQueue:
 
     def __init__(self, *, project: str, topic: str, timeout_s: float = 30.0) -> None:
         self._client = pubsub_v1.PublisherClient(
-            # Publish within 5 ms rather than the default 10 ms: a job is latency-bound.
-            batch_settings=pubsub_v1.types.BatchSettings(max_latency=0.005)
+            # The default 10 ms: at 5 ms most batches held one message, each commit cost
+            # a thread start and an RPC, and the accept path's p99 was no better (the
+            # store's write decides it). Measured in BENCHMARKS.md (mode 3 accept path).
+            batch_settings=pubsub_v1.types.BatchSettings(max_latency=0.01)
         )
         self._topic = self._client.topic_path(project, topic)
         self._timeout_s = timeout_s

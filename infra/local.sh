@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Usage: bash infra/local.sh [--mode auto|memory|pubsub] [--real-vertex]
+# Usage: bash infra/local.sh [--mode auto|memory|pubsub] [--workers N] [--real-vertex]
 #
 # Runs vertex-dispatcher on this machine, from a clean clone:
 #   - creates .venv (Python >= 3.11) and installs the project;
@@ -9,6 +9,11 @@
 #   - mode pubsub (the default when gcloud and its emulator components are
 #     installed): the Firestore and Pub/Sub emulators, the worker, the topic and
 #     the push subscription to the worker, and the ingress;
+#   - --workers N (mode pubsub; N >= 1, used even for 1): N workers instead,
+#     the first on WORKER_PORT and the others on free ports, fed from a pull
+#     subscription by dispatcher.devtools.push_relay, which keeps many pushes
+#     outstanding and sends each to the least busy worker, like Pub/Sub push and
+#     Cloud Run (the emulator's own push sends about one message at a time);
 #   - mode memory (the default otherwise): the ingress alone, jobs in memory;
 #   - prints where to send requests, and stops everything on Ctrl-C.
 # Ports: INGRESS_PORT (8080), WORKER_PORT (8081), STANDIN_PORT (8090),
@@ -27,6 +32,7 @@ PUBSUB_PORT=${PUBSUB_PORT:-8085}
 FIRESTORE_PORT=${FIRESTORE_PORT:-8086}
 MODE=auto
 REAL_VERTEX=false
+WORKERS=''  # empty: one worker, pushed to by the emulator's push subscription
 
 die() { echo "infra/local.sh: $*" >&2; exit 2; }
 
@@ -34,11 +40,18 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --mode) [ $# -ge 2 ] || die "--mode needs a value"; MODE=$2; shift 2 ;;
     --real-vertex) REAL_VERTEX=true; shift ;;
-    -h|--help) sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --workers) [ $# -ge 2 ] || die "--workers needs a value"; WORKERS=$2; shift 2 ;;
+    # The comment block at the top, up to the first line of code.
+    -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done
 case "$MODE" in auto|memory|pubsub) ;; *) die "--mode must be auto, memory or pubsub" ;; esac
+case "$WORKERS" in
+  '') ;;
+  *[!0-9]*|0*) die "--workers must be a whole number of at least 1, not '$WORKERS'" ;;
+esac
+[ -z "$WORKERS" ] || [ "$MODE" != memory ] || die "--workers needs mode pubsub, not memory"
 
 command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found; install Python 3.11 or newer"
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
@@ -65,6 +78,7 @@ fi
 if [ "$MODE" = pubsub ] && ! emulators_present; then
   die "mode pubsub needs gcloud, java and the emulators: gcloud components install beta pubsub-emulator cloud-firestore-emulator"
 fi
+[ -z "$WORKERS" ] || [ "$MODE" = pubsub ] || die "--workers needs mode pubsub (gcloud and its emulators)"
 
 mkdir -p "$STATE"
 # Never let google-auth probe a metadata server from a laptop or a CI box.
@@ -94,9 +108,32 @@ wait_for() { # wait_for NAME URL EXPECTED
     kill -0 "${PID_OF[$1]}" 2>/dev/null || break
     sleep 0.5
   done
+  did_not_start "$1"
+}
+wait_for_log() { # wait_for_log NAME TEXT: until NAME's log holds TEXT
+  for _ in $(seq 1 120); do
+    if grep -q "$2" "$STATE/$1.log" 2>/dev/null; then return 0; fi
+    kill -0 "${PID_OF[$1]}" 2>/dev/null || break
+    sleep 0.5
+  done
+  did_not_start "$1"
+}
+did_not_start() {
   echo "infra/local.sh: $1 did not start; its log:" >&2
   tail -n 30 "$STATE/$1.log" >&2
   exit 1
+}
+free_port() { # a port nobody listens on now (the worker binds it a moment later)
+  "$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+emulator_put() { # emulator_put PATH JSON: create a Pub/Sub resource through the REST API
+  local code
+  code=$(curl -sS --noproxy '*' -o "$STATE/pubsub-setup.log" -w '%{http_code}' -X PUT \
+    -H 'Content-Type: application/json' -d "$2" \
+    "http://127.0.0.1:$PUBSUB_PORT/v1/projects/$GOOGLE_CLOUD_PROJECT/$1")
+  # 409: it exists already, which is what we want.
+  [ "$code" = 200 ] || [ "$code" = 409 ] \
+    || die "creating $1 in the Pub/Sub emulator answered $code: $(cat "$STATE/pubsub-setup.log")"
 }
 
 if [ "$REAL_VERTEX" = true ]; then
@@ -125,13 +162,38 @@ if [ "$MODE" = pubsub ]; then
   export PUBSUB_EMULATOR_HOST="127.0.0.1:$PUBSUB_PORT"
   export FIRESTORE_COLLECTION=${FIRESTORE_COLLECTION:-jobs} FIRESTORE_DATABASE='(default)'
   export PUBSUB_TOPIC=${PUBSUB_TOPIC:-dispatcher-jobs}
-  HOST=127.0.0.1 PORT=$WORKER_PORT start worker "$VENV/bin/python" -m worker
-  wait_for worker "http://127.0.0.1:$WORKER_PORT/healthz" ok
-  CLOUDSDK_API_ENDPOINT_OVERRIDES_PUBSUB="http://127.0.0.1:$PUBSUB_PORT/" \
-  CLOUDSDK_AUTH_DISABLE_CREDENTIALS=true CLOUDSDK_CORE_PROJECT="$GOOGLE_CLOUD_PROJECT" \
-    bash infra/pubsub.sh --project "$GOOGLE_CLOUD_PROJECT" --topic "$PUBSUB_TOPIC" \
-      --subscription "$PUBSUB_TOPIC-push" --push-endpoint "http://127.0.0.1:$WORKER_PORT/" \
-      --ack-deadline 600 --min-retry-delay 1s --max-retry-delay 60s >"$STATE/pubsub-setup.log"
+  WORKER_URLS=()
+  for i in $(seq 1 "${WORKERS:-1}"); do
+    if [ "$i" = 1 ]; then name=worker port=$WORKER_PORT; else name=worker-$i port=$(free_port); fi
+    HOST=127.0.0.1 PORT=$port start "$name" "$VENV/bin/python" -m worker
+    WORKER_URLS+=("http://127.0.0.1:$port/")
+  done
+  for i in $(seq 1 "${WORKERS:-1}"); do
+    if [ "$i" = 1 ]; then name=worker; else name=worker-$i; fi
+    wait_for "$name" "${WORKER_URLS[$((i - 1))]}healthz" ok
+  done
+  if [ -z "$WORKERS" ]; then
+    CLOUDSDK_API_ENDPOINT_OVERRIDES_PUBSUB="http://127.0.0.1:$PUBSUB_PORT/" \
+    CLOUDSDK_AUTH_DISABLE_CREDENTIALS=true CLOUDSDK_CORE_PROJECT="$GOOGLE_CLOUD_PROJECT" \
+      bash infra/pubsub.sh --project "$GOOGLE_CLOUD_PROJECT" --topic "$PUBSUB_TOPIC" \
+        --subscription "$PUBSUB_TOPIC-push" --push-endpoint "http://127.0.0.1:$WORKER_PORT/" \
+        --ack-deadline 600 --min-retry-delay 1s --max-retry-delay 60s >"$STATE/pubsub-setup.log"
+    PUSHER="pushed to by the Pub/Sub emulator"
+  else
+    # No retry policy on the pull subscription: the relay waits out the backoff itself
+    # and keeps extending the ack deadline of what it holds (see push_relay.py).
+    emulator_put "topics/$PUBSUB_TOPIC" '{}'
+    emulator_put "subscriptions/$PUBSUB_TOPIC-pull" \
+      "{\"topic\": \"projects/$GOOGLE_CLOUD_PROJECT/topics/$PUBSUB_TOPIC\", \"ackDeadlineSeconds\": 60}"
+    relay_args=()
+    for url in "${WORKER_URLS[@]}"; do relay_args+=(--worker "$url"); done
+    # The same push timeout and retry delays as the emulator push subscription above.
+    start relay "$VENV/bin/python" -m dispatcher.devtools.push_relay \
+      --subscription "projects/$GOOGLE_CLOUD_PROJECT/subscriptions/$PUBSUB_TOPIC-pull" \
+      "${relay_args[@]}" --ack-deadline-s 600 --min-backoff-s 1 --max-backoff-s 60
+    wait_for_log relay "push-relay:"
+    PUSHER="pushed to by dispatcher.devtools.push_relay"
+  fi
 fi
 
 HOST=127.0.0.1 PORT=$INGRESS_PORT start ingress "$VENV/bin/python" -m ingress
@@ -140,7 +202,7 @@ wait_for ingress "http://127.0.0.1:$INGRESS_PORT/healthz" ok
 cat <<EOF
 
 vertex-dispatcher is running (mode: $MODE; Vertex: $([ "$REAL_VERTEX" = true ] && echo real || echo "stand-in on :$STANDIN_PORT")).
-  ingress  http://127.0.0.1:$INGRESS_PORT$([ "$MODE" = pubsub ] && printf '\n  worker   http://127.0.0.1:%s (pushed to by the Pub/Sub emulator)' "$WORKER_PORT")
+  ingress  http://127.0.0.1:$INGRESS_PORT$([ "$MODE" = pubsub ] && printf '\n  worker   %s (%s)' "${WORKER_URLS[*]}" "$PUSHER")
   logs     $STATE/*.log
 
 Submit a job and poll it:
