@@ -52,3 +52,7 @@ class Overloaded(DispatcherError):
     def __init__(self, retry_after_s: int) -> None:
         self.retry_after_s = retry_after_s
         super().__init__(f"too many jobs in flight; retry after {retry_after_s} s")
+
+
+class RegionsBusy(DispatcherError):
+    """Every allowed region stayed at its limit of calls in flight until the deadline."""

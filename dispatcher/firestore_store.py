@@ -6,9 +6,10 @@ chunk documents in the job's `blobs` subcollection, because one document holds a
 most 1 MiB (https://cloud.google.com/firestore/quotas#limits) while a request may
 be 8 MiB and a response larger. Chunks are written before the job document points
 at them, each in its own small commit (a gRPC message is capped at 4 MiB), under a
-fresh blob id, so a failed or retried transaction leaves at most orphan chunks that
-the TTL policy deletes (each carries `expire_at`). Blobs never change once written,
-so they are read outside transactions; only the small job document takes part in them.
+fresh blob id, so a failed or retried update leaves at most orphan chunks that
+the TTL policy deletes (each carries `expire_at`). Blobs never change once written;
+only the small job document is updated, by optimistic concurrency (a read, then a
+write with the read's update time as precondition).
 """
 
 from __future__ import annotations
@@ -26,19 +27,19 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from dispatcher.errors import JobExists, StoreUnavailable
 from dispatcher.jobs import Job, JsonObject
+from dispatcher.metrics import STORE_OPERATIONS
 from dispatcher.region_board import SharedRegion
 from dispatcher.store import Change
 
 INLINE_LIMIT = 256 * 1024  # bytes of JSON kept in the job document itself
 CHUNK_BYTES = 512 * 1024
 CHUNKS_PER_COMMIT = 4  # ~2 MiB a commit, well under the 4 MiB gRPC message cap
-TRANSACTION_ATTEMPTS = 5  # the client's own immediate retries of an aborted transaction
-CONTENTION_ROUNDS = 4  # rounds of those, with a random pause between rounds
+CONFLICT_ATTEMPTS = 20  # reads and conditional writes of one update under contention
 _BLOBS = ("request", "result")
 
 
 class _BlobNeeded(Exception):
-    """Raised inside a transaction: a large blob must be written first, outside it."""
+    """Raised while encoding: a large blob must be written first, in its own commits."""
 
     def __init__(self, name: str, data: bytes) -> None:
         self.name = name
@@ -46,7 +47,7 @@ class _BlobNeeded(Exception):
 
 
 class FirestoreJobStore:
-    """Job records in one Firestore collection, changed only inside transactions."""
+    """Job records in one Firestore collection, changed only by conditional writes."""
 
     def __init__(self, client: firestore.AsyncClient, collection: str) -> None:
         self._client = client
@@ -63,6 +64,7 @@ class FirestoreJobStore:
 
     async def create(self, job: Job) -> None:
         """Write a new job: large blobs first, then the document (the idempotency gate)."""
+        STORE_OPERATIONS.labels("create").inc()
         ref = self._collection.document(job.job_id)
         try:
             written: dict[str, tuple[str, int]] = {}
@@ -80,6 +82,7 @@ class FirestoreJobStore:
 
     async def get(self, job_id: str) -> Job | None:
         """Read one job, its blobs included."""
+        STORE_OPERATIONS.labels("get").inc()
         ref = self._collection.document(job_id)
         try:
             snapshot = await ref.get()
@@ -91,6 +94,7 @@ class FirestoreJobStore:
 
     async def get_many(self, job_ids: Sequence[str]) -> dict[str, Job]:
         """Read several jobs in one batched request."""
+        STORE_OPERATIONS.labels("get_many").inc()
         refs = [self._collection.document(job_id) for job_id in job_ids]
         try:
             return {
@@ -102,54 +106,57 @@ class FirestoreJobStore:
             raise StoreUnavailable(f"Firestore read failed: {exc}") from exc
 
     async def update(self, job_id: str, change: Change) -> Job | None:
-        """Apply `change` in a transaction (retried by the client on contention)."""
+        """Apply `change` by optimistic concurrency: read, then write if unchanged since.
+
+        The write carries the read's `update_time` as a precondition, so it fails
+        (FailedPrecondition) when another writer came between, and the change runs
+        again on the fresh record. Two round trips instead of a transaction's three
+        (begin, read, commit), and no lock held between them: the emulator holds
+        transaction locks long under contention, and a lock is not needed for one
+        document.
+        """
+        STORE_OPERATIONS.labels("update").inc()
         ref = self._collection.document(job_id)
         written: dict[str, tuple[str, int]] = {}
-
-        @firestore.async_transactional
-        async def apply(transaction: firestore.AsyncTransaction) -> Job | None:
-            snapshot = await ref.get(transaction=transaction)
-            if not snapshot.exists:
-                return None
-            stored = snapshot.to_dict() or {}
-            current = await self._decode(ref, stored)
-            changed = change(current)
-            if changed is None:
-                return current
-            fields = _encode(changed.to_doc(), previous=stored, written=written)
-            if fields:
-                transaction.update(ref, fields)
-            return changed
-
-        # The client retries an aborted transaction at once, up to its attempt limit;
-        # under contention (a lease renewal racing a duplicate delivery) a short random
-        # pause before trying again lets the other writer finish.
+        # A lease renewal racing a duplicate delivery: a short random pause lets the
+        # other writer finish before the change is tried again on its result.
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(CONTENTION_ROUNDS),
-            wait=wait_random(0.05, 0.5),
-            retry=retry_if_exception(_is_contention),
+            stop=stop_after_attempt(CONFLICT_ATTEMPTS),
+            wait=wait_random(0.01, 0.2),
+            retry=retry_if_exception(_is_conflict),
             reraise=True,
         )
         try:
             async for attempt in retrying:
                 with attempt:
-                    while True:
-                        try:
-                            transaction = self._client.transaction(
-                                max_attempts=TRANSACTION_ATTEMPTS
-                            )
-                            result: Job | None = await apply(transaction)
-                            return result
-                        except _BlobNeeded as need:
-                            # The change is pure: run it again once its blob is in place.
-                            current = await self.get(job_id)
-                            expire_at = current.expire_at if current else None
-                            written[need.name] = await self._write_blob(ref, need.data, expire_at)
+                    snapshot = await ref.get()
+                    if not snapshot.exists:
+                        return None
+                    stored = snapshot.to_dict() or {}
+                    current = await self._decode(ref, stored)
+                    changed = change(current)
+                    if changed is None:
+                        return current
+                    fields = await self._fields(ref, changed, stored, written)
+                    if fields:
+                        precondition = self._client.write_option(
+                            last_update_time=snapshot.update_time
+                        )
+                        await ref.update(fields, option=precondition)
+                    return changed
         except google_exceptions.GoogleAPIError as exc:
-            raise StoreUnavailable(f"Firestore transaction failed: {exc}") from exc
-        except ValueError as exc:  # the client's "failed to commit in N attempts"
-            raise StoreUnavailable(f"Firestore transaction failed: {exc}") from exc
+            raise StoreUnavailable(f"Firestore update failed: {exc}") from exc
         raise AssertionError("unreachable: tenacity either returns or reraises")  # pragma: no cover
+
+    async def _fields(
+        self, ref: Any, job: Job, stored: JsonObject, written: dict[str, tuple[str, int]]
+    ) -> JsonObject:
+        """The changed fields of `job`, writing a large new blob first where one is needed."""
+        while True:
+            try:
+                return _encode(job.to_doc(), previous=stored, written=written)
+            except _BlobNeeded as need:
+                written[need.name] = await self._write_blob(ref, need.data, job.expire_at)
 
     async def due(self, now: datetime, limit: int) -> list[Job]:
         """Jobs whose `sweep_at` has passed.
@@ -157,6 +164,7 @@ class FirestoreJobStore:
         A single-field range query, served by Firestore's automatic index: no
         composite index to deploy. Terminal jobs have `sweep_at` null and never match.
         """
+        STORE_OPERATIONS.labels("query").inc()
         query = (
             self._collection.where(filter=FieldFilter("sweep_at", "<=", now))
             .order_by("sweep_at")
@@ -225,6 +233,7 @@ class FirestoreRegionBoardStore:
 
     async def read_regions(self, regions: Sequence[str]) -> dict[str, SharedRegion]:
         """The records among `regions`, in one batched read."""
+        STORE_OPERATIONS.labels("region_read").inc()
         refs = [self._regions.document(region) for region in regions]
         try:
             return {
@@ -237,6 +246,7 @@ class FirestoreRegionBoardStore:
 
     async def write_region(self, record: SharedRegion, fields: Sequence[str]) -> None:
         """Merge `fields` of the record into its document."""
+        STORE_OPERATIONS.labels("region_write").inc()
         doc = {name: getattr(record, name) for name in fields}
         try:
             await self._regions.document(record.region).set(doc, merge=True)
@@ -245,6 +255,7 @@ class FirestoreRegionBoardStore:
 
     async def beat(self, instance_id: str, at: float) -> None:
         """Write this instance's heartbeat."""
+        STORE_OPERATIONS.labels("heartbeat").inc()
         expire_at = datetime.fromtimestamp(at + self._ttl_s, UTC)
         try:
             await self._instances.document(instance_id).set({"seen_at": at, "expire_at": expire_at})
@@ -253,6 +264,7 @@ class FirestoreRegionBoardStore:
 
     async def count_instances(self, since: float) -> int:
         """Heartbeats at or after `since`, counted server-side."""
+        STORE_OPERATIONS.labels("instance_count").inc()
         query = self._instances.where(filter=FieldFilter("seen_at", ">=", since)).count()
         try:
             results = await query.get()  # type: ignore[call-arg]  # count() is typed as returning the class
@@ -273,12 +285,9 @@ def _shared_region(region: str, doc: dict[str, Any]) -> SharedRegion:
     )
 
 
-def _is_contention(exc: BaseException) -> bool:
-    """An aborted transaction: another writer held the document."""
-    if isinstance(exc, google_exceptions.Aborted):
-        return True
-    # The client gives up with a ValueError after its own attempts (async_transaction.py).
-    return isinstance(exc, ValueError) and "Failed to commit transaction" in str(exc)
+def _is_conflict(exc: BaseException) -> bool:
+    """Another writer changed (or removed) the document between the read and the write."""
+    return isinstance(exc, google_exceptions.FailedPrecondition | google_exceptions.NotFound)
 
 
 def _encode(

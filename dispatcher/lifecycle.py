@@ -1,7 +1,7 @@
 """The rules of a job's life, in one place, over any store.
 
 Every change is a pure function of the current record (so a Firestore
-transaction may re-run it) handed to `JobStore.update`. Leases make execution
+conflict may re-run it) handed to `JobStore.update`. Leases make execution
 idempotent: `pending → running` takes a lease with a fresh token; only the
 holder of that token may finish the job, renew or release it; a lease that has
 lapsed may be taken over by another execution.
@@ -119,7 +119,7 @@ class JobManager:
     async def _apply(self, job_id: str, change: Change) -> tuple[Job | None, bool]:
         """Run `change` through the store; also say whether it wrote.
 
-        A transaction may run the change several times; the verdict kept is the
+        A conflicting write may run the change several times; the verdict kept is the
         one of the run that committed, the last.
         """
         wrote = False
@@ -266,7 +266,7 @@ class JobManager:
     async def postpone_sweep(self, job_id: str, seen_sweep_at: datetime) -> bool:
         """Move a due job's sweep time on; True for the one sweeper that did it.
 
-        Several processes sweep the same store; the one whose transaction finds the
+        Several processes sweep the same store; the one whose conditional write finds the
         `sweep_at` it saw still in place re-dispatches the job, the others skip it.
         """
         now = self._clock()

@@ -35,6 +35,12 @@ UPSTREAM_LATENCY = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 60, 120, 300),
     registry=None,  # registered per runtime by `build_registry`
 )
+STORE_OPERATIONS = Counter(
+    "dispatcher_store_operations",
+    "Firestore operations by kind (an update counts once, however many conflicts it retried).",
+    ["operation"],
+    registry=None,  # registered per runtime by `build_registry`
+)
 _BREAKER_VALUE = {Breaker.CLOSED: 0, Breaker.HALF_OPEN: 1, Breaker.OPEN: 2}
 
 
@@ -43,7 +49,7 @@ def build_registry(
 ) -> CollectorRegistry:
     """The registry one service serves: the process's counters and its live state."""
     registry = CollectorRegistry(auto_describe=True)
-    for collector in (JOBS, UPSTREAM_CALLS, UPSTREAM_LATENCY):
+    for collector in (JOBS, UPSTREAM_CALLS, UPSTREAM_LATENCY, STORE_OPERATIONS):
         registry.register(collector)
     registry.register(LiveStateCollector(pool, queued=queued, running=running))
     return registry

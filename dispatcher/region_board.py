@@ -8,6 +8,8 @@ and never one per job:
 
 - every `interval_s`, one heartbeat write of this instance, one count of the
   instances seen lately, and one batched read of the regions' records;
+- a region no instance has learnt yet starts at `REGION_CONCURRENCY_INITIAL` for the
+  whole fleet (each instance its share), not that many per instance;
 - a region's record is written when this instance's breaker opens (at once: the
   others open theirs within one interval) and when a 429 round finds the
   capacity, as `capacity` = this instance's limit x the instances counted; each
@@ -147,6 +149,7 @@ class RegionBoard:
         self._written_at: dict[str, float] = {}  # region -> last capacity write (wall)
         self._seen_opening: dict[str, float] = {}  # region -> opened_at adopted or written
         self._seen_capacity: dict[str, tuple[float, int]] = {}  # (capacity_at, instances)
+        self._rounds = 0  # syncs that reached the store
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._healthy = True
@@ -204,12 +207,18 @@ class RegionBoard:
         """
         now = self._wall()
         await self._store.beat(self._instance_id, now)
+        self._rounds += 1
         since = now - ALIVE_INTERVALS * self._interval_s
         self._instances = max(1, await self._store.count_instances(since))
         await self._write_changes(now)
         shared = await self._store.read_regions(self._regions)
-        for record in shared.values():
-            self._take_up(record, now)
+        for region in self._regions:
+            record = shared.get(region)
+            if record is not None:
+                self._take_up(record, now)
+            if self._rounds <= ALIVE_INTERVALS and (record is None or record.capacity is None):
+                # Over the first rounds every instance started with this one is counted.
+                self._pool.share_start(region, self._instances)
 
     async def _write_changes(self, now: float) -> None:
         for region in sorted(self._opened):

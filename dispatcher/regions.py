@@ -39,6 +39,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dispatcher.errors import RegionsBusy
+
+# A waiting call looks again at least this often, even with nothing to wake it.
+IDLE_WAKE_S = 5.0
+
 
 class RoundRobin:
     """Regions in turn, from a random offset (so instances do not march in step)."""
@@ -100,7 +105,9 @@ class PoolConfig:
     # A call still running this long after it was sent was admitted by the region: a
     # full region answers 429 at once, long before a generation ends. The limit grows
     # then, not at the end of the call, so it ramps up in round trips of the 429, not of
-    # the call: with 2 s calls, one round trip of the call is ten of these.
+    # the call: with 2 s calls, one round trip of the call is ten of these. The window
+    # is at least twice the slowest recent 429 answer, so a loaded machine (or a slow
+    # network) that delays refusals does not count them as admissions.
     accept_window_s: float = 0.2
     wait_max_s: float = 30.0
     strategy: RegionStrategy = RegionStrategy.ADAPTIVE
@@ -136,6 +143,7 @@ class Slot:
     # Whether the limit already grew for this call (it outlived the accept window).
     counted: bool = False
     accept_timer: asyncio.TimerHandle | None = None
+    taken_at: float = 0.0
 
 
 class RegionPool:
@@ -153,6 +161,7 @@ class RegionPool:
         # the loop was busy accepting submissions.
         self._waiters: list[_Waiter] = []
         self._listener: Callable[[str, RegionEvent], None] | None = None
+        self._refusal_s = 0.0  # the slowest recent 429 answer, decaying
 
     def listen(self, listener: Callable[[str, RegionEvent], None]) -> None:
         """Call `listener(region, event)` when a breaker opens or a 429 round cuts a limit."""
@@ -186,6 +195,21 @@ class RegionPool:
         state.slow_start = False
         state.ceiling = share
         self._hand_over(wake_the_rest=False)
+
+    def share_start(self, region: str, instances: int) -> None:
+        """Start a region not yet learnt at the initial limit for the fleet, not per instance.
+
+        K instances starting together at `concurrency_initial` each would send K times
+        that to a region in their first round; a region in slow start that never saw a
+        429 gets its share of it instead (it grows from there as usual).
+        """
+        state = self.state(region)
+        if not state.slow_start or state.epoch > 0 or instances < 1:
+            return
+        share = max(
+            float(self._config.concurrency_min), self._config.concurrency_initial / instances
+        )
+        state.limit = min(state.limit, share)
 
     def open_for_s(self, region: str) -> float:
         """How long the region's breaker stays open from now (0 when it is not open)."""
@@ -247,31 +271,45 @@ class RegionPool:
         """A slot in the first usable region of `candidates`, waiting for one if need be.
 
         Regions in `avoid` (those that just failed this job) are used only when no
-        other is usable. When none is usable within the wait bound, the region
-        whose cooldown ends first is called anyway, as a probe. With the naive
-        strategy, the first candidate at once.
+        other is usable. A region that is healthy but full is waited for: a release
+        hands its slot over. When no candidate is healthy for `wait_max_s`, the
+        region whose cooldown ends first is called anyway, as a probe. A full region
+        is never called past its limit: that would only earn a 429. With the naive
+        strategy, the first candidate only.
 
         Args:
             candidates: Regions in order of preference.
             avoid: Regions to pass over while another is usable.
-            deadline_s: How long to wait at most (default: the configured bound).
+            deadline_s: How long the caller may wait at most (None: until a slot frees).
+
+        Raises:
+            RegionsBusy: the deadline passed while every candidate was full.
         """
         if self._config.strategy is RegionStrategy.NAIVE:
             # No health, a fixed limit: the first candidate (the job's region) only.
             candidates, avoid = candidates[:1], ()
-        wait_s = self._config.wait_max_s if deadline_s is None else deadline_s
-        give_up_at = self._clock() + wait_s
+        now = self._clock()
+        probe_at = now + self._config.wait_max_s
+        give_up_at = math.inf if deadline_s is None else now + deadline_s
         while True:
             slot = self._try_take(candidates, avoid)
             if slot is not None:
                 return slot
-            remaining = give_up_at - self._clock()
-            if remaining <= 0:
+            now = self._clock()
+            healthy = any(self.state(r).breaker is Breaker.CLOSED for r in candidates)
+            if not healthy and now >= probe_at:
                 return self._force(candidates)
+            if now >= give_up_at:
+                raise RegionsBusy(
+                    f"every allowed region ({', '.join(candidates)}) stayed at its limit "
+                    f"of calls in flight for {deadline_s:g} s"
+                )
             # Woken by a released slot or a health change; the timer also covers a
-            # cooldown that simply runs out.
-            wake_in = min(remaining, self._next_reopen(candidates) or remaining)
-            slot = await self._wait(candidates, avoid, max(wake_in, 0.001))
+            # cooldown that simply runs out, the probe becoming due, and the deadline.
+            wake_at = min(give_up_at, probe_at if not healthy else math.inf)
+            reopen = self._next_reopen(candidates)
+            wake_in = min(wake_at - now, reopen if reopen is not None else math.inf)
+            slot = await self._wait(candidates, avoid, max(min(wake_in, IDLE_WAKE_S), 0.001))
             if slot is not None:
                 return slot
 
@@ -348,6 +386,7 @@ class RegionPool:
             if not slot.counted:
                 self._grow(state)
         elif outcome is Outcome.OVERLOADED:
+            self._refusal_s = max(self._clock() - slot.taken_at, self._refusal_s * 0.9)
             if slot.epoch == state.epoch:
                 # The first 429 of a round: the calls started with it saw the same full
                 # region, so they count once, for the limit and for the breaker.
@@ -448,10 +487,11 @@ class RegionPool:
         if probe:
             state.probing = True
         state.in_flight += 1
-        slot = Slot(region=state.name, epoch=state.epoch, probe=probe)
+        slot = Slot(region=state.name, epoch=state.epoch, probe=probe, taken_at=self._clock())
         if self._config.strategy is RegionStrategy.ADAPTIVE and self._config.accept_window_s > 0:
+            window_s = max(self._config.accept_window_s, 2 * self._refusal_s)
             slot.accept_timer = asyncio.get_running_loop().call_later(
-                self._config.accept_window_s, self._accepted, slot
+                window_s, self._accepted, slot
             )
         return slot
 

@@ -2,8 +2,9 @@
 
 The rules (which status may follow which, leases) live in `lifecycle.py`,
 which hands each change to `update()` as a pure function. A store applies it
-atomically: the Firestore store in a transaction, the memory store with no
-await between read and write. So both stores obey the same rules, tested once.
+atomically: the Firestore store by a conditional write (retried on conflict),
+the memory store with no await between read and write. So both stores obey the
+same rules, tested once.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class JobStore(Protocol):
     async def update(self, job_id: str, change: Change) -> Job | None:
         """Apply `change` atomically.
 
-        `change` may run more than once (a transaction retried after contention),
+        `change` may run more than once (a write retried after a conflict),
         so it must be pure.
 
         Returns:

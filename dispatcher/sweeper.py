@@ -3,7 +3,7 @@
 A job whose `sweep_at` has passed was not moved on by anyone: its publish was
 lost (the ingress died between writing and publishing, or Pub/Sub refused), or
 its executor died holding the lease. Every process with a shared store sweeps
-now and then; a transaction (`postpone_sweep`) lets exactly one of them
+now and then; a conditional write (`postpone_sweep`) lets exactly one of them
 re-dispatch each such job. A job that has used up its deliveries is failed with
 its last error instead.
 """

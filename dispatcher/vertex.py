@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from tenacity import (
 )
 from yarl import URL
 
-from dispatcher.errors import DispatcherError
+from dispatcher.errors import DispatcherError, RegionsBusy
 from dispatcher.jobs import JobError, JsonObject
 from dispatcher.metrics import UPSTREAM_CALLS, UPSTREAM_LATENCY
 from dispatcher.regions import Outcome, RegionPool
@@ -235,8 +236,9 @@ class VertexClient:
         order = _rotate(regions, preferred) if self._pool.retries_move else [preferred]
         tried = [] if tried is None else tried
         started = time.monotonic()
+        give_up_at = started + self._policy.budget_s
         try:
-            response = await self._call_once(model, request, order, tried)
+            response = await self._call_once(model, request, order, tried, give_up_at)
             return CallReport(regions=tuple(tried), response=response)
         except VertexError as exc:
             if not exc.transient or self._policy.max_retries == 0:
@@ -266,16 +268,29 @@ class VertexClient:
                 with attempt:
                     if attempt.retry_state.attempt_number == 1:
                         raise first_failure
-                    response = await self._call_once(model, request, order, tried)
+                    response = await self._call_once(model, request, order, tried, give_up_at)
                     return CallReport(regions=tuple(tried), response=response)
         except VertexError as exc:
             return CallReport(regions=tuple(tried), error=exc)
         raise AssertionError("unreachable: tenacity either returns or reraises")  # pragma: no cover
 
     async def _call_once(
-        self, model: str, request: JsonObject, order: Sequence[str], tried: list[str]
+        self,
+        model: str,
+        request: JsonObject,
+        order: Sequence[str],
+        tried: list[str],
+        give_up_at: float,
     ) -> JsonObject:
-        slot = await self._pool.acquire(order, avoid=tried)
+        remaining_s = give_up_at - time.monotonic()
+        try:
+            slot = await self._pool.acquire(
+                order, avoid=tried, deadline_s=None if math.isinf(remaining_s) else remaining_s
+            )
+        except RegionsBusy as exc:
+            # No call was made: a transient failure, so the job is given back for later.
+            error = JobError(code=429, status="RESOURCE_EXHAUSTED", message=f"{exc}; not called")
+            raise VertexError(error, region=order[0]) from None
         tried.append(slot.region)
         failure: VertexError | None = None
         started = time.perf_counter()

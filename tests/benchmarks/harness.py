@@ -119,19 +119,38 @@ class BenchStack:
     ingress: ServiceProcess
     worker: ServiceProcess | None = None
     env: dict[str, str] = field(default_factory=dict)
+    # The scale scenarios: more ingresses (submissions alternate), more workers.
+    more_ingresses: list[ServiceProcess] = field(default_factory=list)
+    more_workers: list[ServiceProcess] = field(default_factory=list)
+
+    @property
+    def ingresses(self) -> list[ServiceProcess]:
+        """Every ingress."""
+        return [self.ingress, *self.more_ingresses]
+
+    @property
+    def workers(self) -> list[ServiceProcess]:
+        """Every worker."""
+        return [*([self.worker] if self.worker else []), *self.more_workers]
 
     def processes(self) -> dict[str, ServiceProcess]:
-        """The dispatcher's processes and the stand-in, by role."""
+        """The dispatcher's processes and the stand-in, by role (one of each role)."""
         named = {"ingress": self.ingress, "stand-in": self.standin}
         if self.worker is not None:
             named["worker"] = self.worker
         return named
 
+    def process_groups(self) -> dict[str, list[int]]:
+        """Every process's group, by role: what CPU figures add up."""
+        groups = {"ingress": [p.pid for p in self.ingresses], "stand-in": [self.standin.pid]}
+        if self.workers:
+            groups["worker"] = [p.pid for p in self.workers]
+        return groups
+
     def close(self) -> None:
         """Stop every process of the run."""
-        for process in (self.ingress, self.worker, self.standin):
-            if process is not None:
-                process.terminate(timeout=10)
+        for process in (*self.ingresses, *self.workers, self.standin):
+            process.terminate(timeout=10)
 
 
 @contextlib.contextmanager
@@ -274,12 +293,17 @@ def rss_mib(pid: int) -> float:
 class CpuMeter:
     """CPU seconds used by each named process group (and this process) between two points."""
 
-    def __init__(self, groups: Mapping[str, int]) -> None:
-        self._groups = dict(groups)
+    def __init__(self, groups: Mapping[str, int | Sequence[int]]) -> None:
+        self._groups = {
+            name: [pgids] if isinstance(pgids, int) else list(pgids)
+            for name, pgids in groups.items()
+        }
         self._start = self._read()
 
     def _read(self) -> dict[str, float]:
-        reading = {name: group_cpu_s(pgid) for name, pgid in self._groups.items()}
+        reading = {
+            name: sum(group_cpu_s(pgid) for pgid in pgids) for name, pgids in self._groups.items()
+        }
         reading["load client"] = self_cpu_s()
         return reading
 
@@ -373,6 +397,31 @@ class RawHttp:
             _, writer, _ = self._idle.get_nowait()
             writer.close()
         self._open = 0
+
+
+class Alternating(RawHttp):
+    """Requests sent to several servers in turn (the ingresses behind a load balancer).
+
+    A RawHttp in shape only (what `submit_all` and the tracker call): the connections
+    are the clients'.
+    """
+
+    def __init__(self, clients: Sequence[RawHttp]) -> None:
+        self._clients = list(clients)
+        self._turn = 0
+
+    async def request(
+        self, method: str, path: str, body: bytes = b""
+    ) -> tuple[int, dict[bytes, bytes], bytes]:
+        """Send one request to the next server."""
+        client = self._clients[self._turn % len(self._clients)]
+        self._turn += 1
+        return await client.request(method, path, body)
+
+    async def close(self) -> None:
+        """Close every client."""
+        for client in self._clients:
+            await client.close()
 
 
 @dataclass
@@ -569,7 +618,7 @@ def run_goodput(
         reset.raise_for_status()
         run_id = uuid.uuid4().hex[:8]
         texts = [f"{strategy.key}-{run_id}-{i}" for i in range(jobs)]
-        meter = CpuMeter({name: p.pid for name, p in stack.processes().items()})
+        meter = CpuMeter(stack.process_groups())
         started = time.time()
         submissions, submitted_s = run_async(
             _drive(stack, texts, concurrency, timeout_s, outage, started)
@@ -630,7 +679,7 @@ async def _drive(
     deadline = time.monotonic() + timeout_s
     accepted: list[Submission] = []
     submitting = True
-    ingress = RawHttp(stack.ingress.url, concurrency + 16)
+    ingress = Alternating([RawHttp(p.url, concurrency + 16) for p in stack.ingresses])
     standin = RawHttp(stack.standin.url, 2)
     try:
         outage_task = asyncio.create_task(_outage(standin, *outage)) if outage else None

@@ -7,7 +7,12 @@ from collections.abc import Sequence
 import pytest
 
 from dispatcher.errors import StoreUnavailable
-from dispatcher.region_board import MemoryRegionBoardStore, RegionBoard, SharedRegion
+from dispatcher.region_board import (
+    ALIVE_INTERVALS,
+    MemoryRegionBoardStore,
+    RegionBoard,
+    SharedRegion,
+)
 from dispatcher.regions import Breaker, Outcome, PoolConfig, RegionPool
 
 REGIONS = ("a-east1", "b-west1")
@@ -131,3 +136,17 @@ async def test_an_unreachable_store_leaves_local_learning_alone() -> None:
         await board.sync()
     assert pool.state(REGIONS[0]).limit == pytest.approx(14, abs=0.5)  # max(0.7 x 20, 12 held)
     assert board.instances == 1
+
+
+async def test_a_fleet_starts_an_unlearnt_region_at_the_initial_limit_in_all() -> None:
+    """Four instances starting together take a quarter of the initial limit each, at first."""
+    store, wall = MemoryRegionBoardStore(), Wall()
+    pools = [board_factory(store, wall, f"i{n}", concurrency_initial=16) for n in range(4)]
+    for _ in range(ALIVE_INTERVALS):
+        for _, board in pools:
+            await board.sync()
+    assert [pool.state(REGIONS[0]).limit for pool, _ in pools] == [4.0, 4.0, 4.0, 4.0]
+    pool, board = pools[-1]
+    pool.state(REGIONS[0]).limit = 9.0  # grown by slow start since
+    await board.sync()
+    assert pool.state(REGIONS[0]).limit == 9.0  # only the first rounds set the start

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from dispatcher.errors import ConfigError
+from dispatcher.errors import ConfigError, RegionsBusy
 from dispatcher.regions import (
     Breaker,
     Outcome,
@@ -168,9 +168,22 @@ async def test_released_slot_goes_to_the_oldest_waiter_not_a_newcomer() -> None:
     pool.release(held, Outcome.SUCCESS)
     # Runs before `first` is scheduled again: it must not take the slot handed to `first`.
     started = time.monotonic()
-    late = await pool.acquire(["a-east1"], deadline_s=0.05)  # forced after waiting 0.05 s
+    with pytest.raises(RegionsBusy):
+        await pool.acquire(["a-east1"], deadline_s=0.05)  # the region stays full
     assert time.monotonic() - started >= 0.05
-    assert (await asyncio.wait_for(first, 1)).region == late.region == "a-east1"
+    assert (await asyncio.wait_for(first, 1)).region == "a-east1"
+
+
+async def test_a_full_healthy_region_is_waited_for_never_called_past_its_limit() -> None:
+    """Past REGION_WAIT_MAX_S a call still waits for a full healthy region instead of a 429."""
+    pool = RegionPool(PoolConfig(concurrency_initial=1, concurrency_max=1, wait_max_s=0.01))
+    held = await pool.acquire(["a-east1"])
+    waiting = asyncio.create_task(pool.acquire(["a-east1"]))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    assert pool.state("a-east1").in_flight == 1
+    pool.release(held, Outcome.SUCCESS)
+    assert (await asyncio.wait_for(waiting, 1)).region == "a-east1"
 
 
 async def test_slot_handed_to_a_cancelled_waiter_is_given_back() -> None:

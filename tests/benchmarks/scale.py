@@ -1,0 +1,298 @@
+"""Benchmarks at realistic scale: slow calls, many uneven regions, a direct client baseline.
+
+The scenarios of `test_5_scale.py` and their smoke version call these. The direct
+client is the baseline a team without a dispatcher writes: calls sent straight at the
+regions in round-robin, as many in flight as the regions hold in all, each 429 or 503
+retried at the next region after an exponential backoff with jitter (1 s doubling to
+30 s, as Vertex's documentation recommends), until it succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import random
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import httpx
+
+from tests.benchmarks.harness import (
+    MODEL,
+    BenchStack,
+    Capacity,
+    CpuMeter,
+    GoodputResult,
+    RawHttp,
+    percentile,
+    prompt,
+    run_async,
+    service_env,
+)
+from tests.support.emulators import Emulator
+from tests.support.processes import (
+    ServiceProcess,
+    base_child_env,
+    spawn_logged,
+    stop_process_group,
+)
+from tests.support.stack import PROJECT, start_standin
+
+# The regions of the seed example's deploy command (async-request-dispatcher-rs README).
+SEED_REGIONS: Final = (
+    "us-central1",
+    "us-east1",
+    "us-east4",
+    "us-east5",
+    "us-south1",
+    "us-west1",
+    "us-west4",
+    "europe-central2",
+    "europe-north1",
+    "europe-southwest1",
+    "europe-west1",
+    "europe-west4",
+    "europe-west8",
+    "europe-west9",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegionMix(Capacity):
+    """Regions of uneven capacity and latency: (concurrency, latency_s) per region."""
+
+    per_region: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def jobs_per_s(self) -> float:
+        """The physical limit: the sum of each region's concurrency over its latency."""
+        return sum(calls / latency for calls, latency in self.per_region)
+
+    @property
+    def total_concurrency(self) -> int:
+        """Calls all regions hold at once."""
+        return sum(calls for calls, _ in self.per_region)
+
+    def standin_config(self) -> dict[str, Any]:
+        """Each region's capacity and latency."""
+        return {
+            "regions": {
+                region: {"capacity": calls, "latency_s": latency}
+                for region, (calls, latency) in zip(self.regions, self.per_region, strict=True)
+            }
+        }
+
+    def describe(self) -> str:
+        """One line for the report."""
+        calls = sorted({c for c, _ in self.per_region})
+        latencies = sorted({lat for _, lat in self.per_region})
+        return (
+            f"{len(self.regions)} regions, {calls[0]}-{calls[-1]} concurrent calls each "
+            f"({self.total_concurrency} in all), {latencies[0]:g}-{latencies[-1]:g} s calls "
+            f"= {self.jobs_per_s:,.0f} calls/s"
+        )
+
+
+def seed_mix() -> RegionMix:
+    """The seed's 14 regions: capacities from 10 to 200, latencies from 1 to 5 s."""
+    capacities = (10, 200, 25, 10, 100, 50, 200, 10, 150, 25, 100, 50, 200, 10)
+    latencies = (1.0, 2.0, 3.0, 4.0, 5.0, 1.5, 2.5, 3.5, 4.5, 1.0, 2.0, 3.0, 4.0, 5.0)
+    return RegionMix(
+        regions=SEED_REGIONS, per_region=tuple(zip(capacities, latencies, strict=True))
+    )
+
+
+def uniform(concurrency: int, latency_s: float) -> Capacity:
+    """The scenario-1 regions with another capacity and latency."""
+    return Capacity(concurrency=concurrency, latency_s=latency_s)
+
+
+def total_concurrency(capacity: Capacity) -> int:
+    """Calls all of `capacity`'s regions hold at once."""
+    if isinstance(capacity, RegionMix):
+        return capacity.total_concurrency
+    return len(capacity.regions) * capacity.concurrency
+
+
+def run_direct(
+    log_dir: Path, capacity: Capacity, *, jobs: int, timeout_s: float = 400.0
+) -> GoodputResult:
+    """The direct round-robin client, on a fresh stand-in of `capacity`."""
+    standin = start_standin(log_dir, capacity.standin_config())
+    try:
+        meter = CpuMeter({"stand-in": standin.pid})
+        latencies, statuses, completion_s = run_async(
+            _direct(standin.url, capacity, jobs, timeout_s)
+        )
+        cpu = meter.used()
+    finally:
+        standin.terminate(timeout=10)
+    calls = sum(statuses.values())
+    ideal_s = jobs / capacity.jobs_per_s
+    succeeded = len(latencies)
+    return GoodputResult(
+        mode="direct",
+        strategy="direct",
+        label="direct round-robin client, backoff on 429 (no dispatcher)",
+        jobs=jobs,
+        capacity=capacity.describe(),
+        limit_jobs_per_s=capacity.jobs_per_s,
+        completion_s=round(completion_s, 2),
+        goodput=round(ideal_s / completion_s, 3) if completion_s > 0 else 0.0,
+        calls=calls,
+        calls_per_job=round(calls / jobs, 3),
+        share_429=round(statuses[429] / calls, 4) if calls else 0.0,
+        calls_by_status={str(k): v for k, v in sorted(statuses.items())},
+        latency_p50_s=round(percentile(latencies, 0.50), 3),
+        latency_p95_s=round(percentile(latencies, 0.95), 3),
+        latency_p99_s=round(percentile(latencies, 0.99), 3),
+        statuses={"succeeded": succeeded},
+        lost=jobs - succeeded,
+        duplicate_successes=0,
+        cpu_s=cpu,
+        submit_s=0.0,
+    )
+
+
+async def _direct(
+    url: str, capacity: Capacity, jobs: int, timeout_s: float
+) -> tuple[list[float], Counter[int], float]:
+    in_flight = total_concurrency(capacity)
+    http = RawHttp(url, in_flight)
+    regions = itertools.cycle(capacity.regions)
+    body = json.dumps(prompt("direct")).encode()
+    statuses: Counter[int] = Counter()
+    latencies: list[float] = []
+    remaining = iter(range(jobs))
+    rng = random.Random(7)
+    started = time.monotonic()
+    deadline = started + timeout_s
+
+    async def client() -> None:
+        for _ in remaining:
+            began = time.monotonic()
+            attempt = 0
+            while time.monotonic() < deadline:
+                path = (
+                    f"/v1/projects/{PROJECT}/locations/{next(regions)}/publishers/google/"
+                    f"models/{MODEL}:generateContent"
+                )
+                status, _, _ = await http.request("POST", path, body)
+                statuses[status] += 1
+                if status == 200:
+                    latencies.append(time.monotonic() - began)
+                    break
+                attempt += 1
+                await asyncio.sleep(min(30.0, 2.0 ** (attempt - 1)) * rng.uniform(0.5, 1.0))
+
+    try:
+        await asyncio.gather(*(client() for _ in range(in_flight)))
+    finally:
+        await http.close()
+    return latencies, statuses, time.monotonic() - started
+
+
+# -- mode 3 at scale: K workers behind the push relay ---------------------------------
+
+
+@contextlib.contextmanager
+def scale_stack(
+    emulators: tuple[Emulator, Emulator],
+    *,
+    log_dir: Path,
+    capacity: Capacity,
+    workers: int,
+    ingresses: int = 2,
+    **overrides: str,
+) -> Iterator[BenchStack]:
+    """Mode 3 with `ingresses` ingresses and `workers` workers fed by the push relay.
+
+    The relay pulls from a pull subscription of the emulator and pushes as Pub/Sub push
+    would (many at once, spread over the workers), with a 1 s to 10 s retry backoff.
+    """
+    firestore, pubsub = emulators
+    suffix = uuid.uuid4().hex[:10]
+    standin = start_standin(log_dir, capacity.standin_config())
+    started: list[ServiceProcess] = [standin]
+    relay: subprocess.Popen[bytes] | None = None
+    try:
+        env = service_env(standin, capacity.regions, **overrides)
+        env.update(firestore.env())
+        env.update(pubsub.env())
+        env.update(
+            FIRESTORE_COLLECTION=f"scale-{suffix}",
+            FIRESTORE_DATABASE="(default)",
+            PUBSUB_TOPIC=f"scale-{suffix}",
+        )
+        subscription = create_pull_subscription(pubsub, topic=env["PUBSUB_TOPIC"])
+        pool = [ServiceProcess.start("worker", env, log_dir=log_dir) for _ in range(workers)]
+        started += pool
+        relay = spawn_logged(
+            [
+                sys.executable,
+                "-m",
+                "dispatcher.devtools.push_relay",
+                "--subscription",
+                subscription,
+                *itertools.chain.from_iterable(("--worker", f"{w.url}/") for w in pool),
+                "--min-backoff-s",
+                "1",
+                "--max-backoff-s",
+                "10",
+                "--log-level",
+                "WARNING",
+            ],
+            env=base_child_env(pubsub.env()),
+            log_path=log_dir / f"push-relay-{suffix}.log",
+        )
+        fronts = [ServiceProcess.start("ingress", env, log_dir=log_dir) for _ in range(ingresses)]
+        started += fronts
+        yield BenchStack(
+            mode="pubsub",
+            standin=standin,
+            ingress=fronts[0],
+            more_ingresses=fronts[1:],
+            worker=pool[0],
+            more_workers=pool[1:],
+            env=env,
+        )
+    finally:
+        if relay is not None:
+            stop_process_group(relay, timeout=10)
+        for process in started:
+            process.terminate(timeout=10)
+
+
+def create_pull_subscription(pubsub: Emulator, *, topic: str) -> str:
+    """A topic and a pull subscription on it (no retry policy: the relay backs off)."""
+    base = f"http://{pubsub.host_port}/v1/projects/{PROJECT}"
+    name = f"{topic}-pull"
+    with httpx.Client(trust_env=False, timeout=30) as http:
+        http.put(f"{base}/topics/{topic}", json={}).raise_for_status()
+        http.put(
+            f"{base}/subscriptions/{name}",
+            json={"topic": f"projects/{PROJECT}/topics/{topic}", "ackDeadlineSeconds": 60},
+        ).raise_for_status()
+    return f"projects/{PROJECT}/subscriptions/{name}"
+
+
+def store_operations(stack: BenchStack) -> dict[str, float]:
+    """Firestore operations counted by every ingress and worker, by kind."""
+    totals: Counter[str] = Counter()
+    with httpx.Client(trust_env=False, timeout=10) as http:
+        for process in (*stack.ingresses, *stack.workers):
+            text = http.get(f"{process.url}/metrics").text
+            for line in text.splitlines():
+                if line.startswith("dispatcher_store_operations_total{"):
+                    labels, _, value = line.rpartition(" ")
+                    totals[labels.split('"')[1]] += float(value)
+    return dict(totals)
