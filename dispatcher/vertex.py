@@ -154,9 +154,12 @@ def http_session(*, connect_timeout_s: float = 10.0) -> aiohttp.ClientSession:
     aiohttp directly: at load, httpx's request building (URL parsing, header
     merging, cookies) cost about as much CPU as aiohttp's whole call beneath it
     (BENCHMARKS.md, profiles). Each attempt's own deadline is `asyncio.timeout`.
+    No limit on connections (aiohttp's default is 100): the regions' adaptive limits
+    bound the calls in flight, and a pool limit below them would hold calls in the
+    client while their region slots sat idle.
     """
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=1000),
+        connector=aiohttp.TCPConnector(limit=0),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s),
         trust_env=False,
     )

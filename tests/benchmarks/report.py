@@ -23,6 +23,7 @@ from tests.benchmarks.harness import (
     machine,
     per_second,
 )
+from tests.benchmarks.scale import InFlightMemory, ScaleRow, StoreCeiling
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 REPORT: Final = ROOT / "BENCHMARKS.md"
@@ -50,6 +51,9 @@ class Results:
     added: list[AddedLatency] = field(default_factory=list)
     memory: MemoryResult | None = None
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    scale: list[ScaleRow] = field(default_factory=list)
+    store_ceiling: StoreCeiling | None = None
+    in_flight: list[InFlightMemory] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
 
     def healthy(self, mode: str = "memory") -> GoodputResult | None:
@@ -149,6 +153,23 @@ def write_charts(results: Results, charts: Path = CHARTS) -> list[str]:
         fig.savefig(charts / "memory.png", dpi=90)
         plt.close(fig)
         written.append("memory.png")
+    workers = [row for row in results.scale if row.scenario == "mode 3, K workers"]
+    if workers:
+        fig, ax = plt.subplots(figsize=(6.5, 3.2))
+        counts = [int(row.label.split("= ")[1]) for row in workers]
+        ax.plot(counts, [row.share_of_bound for row in workers], marker="o", label="share of bound")
+        ax.plot(counts, [row.run.share_429 for row in workers], marker="s", label="429 share")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(counts, [str(k) for k in counts])
+        ax.set_xlabel("worker processes (K)")
+        ax.set_ylim(0, 1)
+        ax.set_title("mode 3: jobs/s over min(limit, emulators' ceiling), and 429 share")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(charts / "scale-workers.png", dpi=90)
+        plt.close(fig)
+        written.append("scale-workers.png")
     return written
 
 
@@ -433,6 +454,8 @@ def render(results: Results, charts: list[str], notes: str) -> str:
         ]
         if "memory.png" in charts:
             lines += ["![memory.png](docs/benchmarks/memory.png)", ""]
+    if results.scale:
+        lines += render_scale(results, charts)
     if results.profiles:
         lines += [
             "## Profiles",
@@ -474,3 +497,72 @@ def write_report(results: Results, path: Path = REPORT, charts_dir: Path = CHART
     charts = write_charts(results, charts_dir)
     path.write_text(render(results, charts, notes), encoding="utf-8")
     return path
+
+
+def render_scale(results: Results, charts: list[str]) -> list[str]:
+    """Section 5: the scale scenarios, each beside its baselines and its bound."""
+    lines = [
+        "## 5. At realistic scale",
+        "",
+        "Each scenario's rows ran in this invocation, on the same machine. `bound` is the",
+        "regions' limit (calls/s they serve at once), or in mode 3 the emulators' own ceiling",
+        "when lower; `share` = (N / completion s) / bound. The direct client is a program",
+        "with no dispatcher: round-robin straight at the regions with as many calls in",
+        "flight as the regions hold in all, each 429 or 503 retried at the next region after",
+        "an exponential backoff (1 s doubling to 30 s, with jitter), until it succeeds.",
+        "",
+    ]
+    if results.store_ceiling is not None:
+        c = results.store_ceiling
+        lines += [
+            f"The emulators' ceiling: {c.jobs:,} jobs, {c.in_flight} at a time, each with the "
+            "services' own create, publish, claim and result write and nothing else, from one "
+            f"process: **{c.rate_per_s:,.0f} jobs/s**; emulator CPU per job (ms) "
+            f"{c.cpu_ms_per_job}.",
+            "",
+        ]
+    scenarios = list(dict.fromkeys(row.scenario for row in results.scale))
+    for scenario in scenarios:
+        rows = [row for row in results.scale if row.scenario == scenario]
+        lines += [
+            f"### {scenario}: {rows[0].run.capacity}",
+            "",
+            "| run | N | completion s | bound /s | share | 429 share | calls/job | "
+            "duplicate calls | job latency p50 / p99 s | store ops/job | CPU ms/job | lost |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            run = row.run
+            cpu = ", ".join(
+                f"{name} {seconds / run.jobs * 1000:.2f}" for name, seconds in run.cpu_s.items()
+            )
+            ops = "" if row.store_ops_per_job is None else f"{row.store_ops_per_job:.2f}"
+            lines.append(
+                f"| {row.label} | {run.jobs:,} | {run.completion_s:.1f} | {row.bound_per_s:,.0f} "
+                f"| {row.share_of_bound:.2f} | {run.share_429:.1%} | {run.calls_per_job:.3f} "
+                f"| {run.duplicate_successes} | {_ms(run.latency_p50_s)} / "
+                f"{_ms(run.latency_p99_s)} | {ops} | {cpu} | {run.lost} |"
+            )
+        lines.append("")
+    if "scale-workers.png" in charts:
+        lines += ["![scale-workers.png](docs/benchmarks/scale-workers.png)", ""]
+    if results.in_flight:
+        lines += [
+            "### Calls in flight in one process",
+            "",
+            "Resident memory sampled every 0.25 s with the calls in flight (`/metrics`); the",
+            "cost of a call in flight = (RSS at the peak - RSS before) / calls in flight then",
+            "(its job record included). CPU per job over the whole run.",
+            "",
+            "| process | regions | peak in flight | RSS before / at peak MiB | KiB per call "
+            "| CPU ms/job | share of the limit |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for m in results.in_flight:
+            lines.append(
+                f"| {m.process} | {m.capacity} | {m.peak_in_flight:,} | {m.rss_before_mib:.0f} / "
+                f"{m.rss_peak_mib:.0f} | {m.kib_per_call:.1f} | {m.cpu_ms_per_job:.2f} "
+                f"| {m.share_of_bound:.2f} |"
+            )
+        lines.append("")
+    return lines

@@ -16,6 +16,7 @@ import json
 import random
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -33,8 +34,10 @@ from tests.benchmarks.harness import (
     CpuMeter,
     GoodputResult,
     RawHttp,
+    Strategy,
     percentile,
     prompt,
+    rss_mib,
     run_async,
     service_env,
 )
@@ -212,6 +215,7 @@ def scale_stack(
     capacity: Capacity,
     workers: int,
     ingresses: int = 2,
+    max_window: int = 1000,
     **overrides: str,
 ) -> Iterator[BenchStack]:
     """Mode 3 with `ingresses` ingresses and `workers` workers fed by the push relay.
@@ -248,6 +252,8 @@ def scale_stack(
                 "1",
                 "--max-backoff-s",
                 "10",
+                "--max-window",
+                str(max_window),
                 "--log-level",
                 "WARNING",
             ],
@@ -296,3 +302,184 @@ def store_operations(stack: BenchStack) -> dict[str, float]:
                     labels, _, value = line.rpartition(" ")
                     totals[labels.split('"')[1]] += float(value)
     return dict(totals)
+
+
+@dataclass
+class StoreCeiling:
+    """What the emulators allow: one job's store writes and publish, no dispatcher around."""
+
+    jobs: int
+    in_flight: int
+    rate_per_s: float
+    cpu_ms_per_job: dict[str, float]
+
+
+def measure_store_ceiling(
+    emulators: tuple[Emulator, Emulator], *, jobs: int = 1000, in_flight: int = 64
+) -> StoreCeiling:
+    """Per job: the create, the publish, the claim and the result write, 64 jobs at a time.
+
+    The same store and publisher code the services run, called straight from this
+    process: no HTTP, no push, no Vertex call. Its rate is what the emulators on this
+    machine allow the pipeline at best; the dispatcher's mode 3 figures are read as a
+    share of it.
+    """
+    from dispatcher.firestore_store import FirestoreJobStore
+    from dispatcher.lifecycle import JobManager, Lifecycle, Progress
+    from dispatcher.pubsub import PubSubQueue
+
+    firestore, pubsub = emulators
+    suffix = uuid.uuid4().hex[:10]
+    base = f"http://{pubsub.host_port}/v1/projects/{PROJECT}"
+    httpx.put(f"{base}/topics/ceiling-{suffix}", json={}).raise_for_status()
+    env = {**firestore.env(), **pubsub.env()}
+
+    async def go() -> float:
+        with _environment(env):
+            store = FirestoreJobStore.connect(
+                project=PROJECT, database="(default)", collection=f"ceiling-{suffix}"
+            )
+            queue = PubSubQueue(project=PROJECT, topic=f"ceiling-{suffix}")
+        manager = JobManager(store, Lifecycle(lease_s=60, job_ttl_s=3600, publish_grace_s=60))
+        gate = asyncio.Semaphore(in_flight)
+
+        async def one(index: int) -> None:
+            async with gate:
+                job = manager.new_job(
+                    job_id=f"ceiling{index:012d}{suffix}",
+                    model=MODEL,
+                    region="us-central1",
+                    request=prompt(f"ceiling-{index}"),
+                )
+                await store.create(job)
+                await queue.dispatch(job)
+                claim = await manager.claim(job.job_id)
+                assert claim.lease_token is not None
+                await manager.succeed(
+                    job.job_id, claim.lease_token, result={"candidates": []}, progress=Progress()
+                )
+
+        try:
+            started = time.monotonic()
+            await asyncio.gather(*(one(i) for i in range(jobs)))
+            return time.monotonic() - started
+        finally:
+            await queue.close()
+            await store.close()
+
+    meter = CpuMeter({"firestore": firestore.process.pid, "pubsub": pubsub.process.pid})
+    took = run_async(go())
+    cpu = meter.used()
+    return StoreCeiling(
+        jobs=jobs,
+        in_flight=in_flight,
+        rate_per_s=round(jobs / took, 1),
+        cpu_ms_per_job={name: round(seconds / jobs * 1000, 2) for name, seconds in cpu.items()},
+    )
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the Google clients built inside, then restore them."""
+    import os
+
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@dataclass
+class ScaleRow:
+    """One run of a scale scenario, as the report shows it."""
+
+    scenario: str
+    label: str
+    run: GoodputResult
+    store_ops_per_job: float | None = None
+    ceiling_per_s: float | None = None  # the emulators' own (mode 3)
+    extra: dict[str, Any] | None = None
+
+    @property
+    def bound_per_s(self) -> float:
+        """What the run could reach at best: the regions' limit, or the emulators' if lower."""
+        limit = self.run.limit_jobs_per_s
+        return min(limit, self.ceiling_per_s) if self.ceiling_per_s else limit
+
+    @property
+    def share_of_bound(self) -> float:
+        """Jobs per second achieved over the bound."""
+        rate = self.run.jobs / self.run.completion_s if self.run.completion_s else 0.0
+        return round(rate / self.bound_per_s, 3)
+
+
+@dataclass
+class InFlightMemory:
+    """What one process holds in flight, and what each call in flight costs it."""
+
+    process: str
+    capacity: str
+    peak_in_flight: int
+    rss_before_mib: float
+    rss_peak_mib: float
+    kib_per_call: float
+    cpu_ms_per_job: float
+    share_of_bound: float
+
+
+def sample_in_flight(
+    process: ServiceProcess, stop: threading.Event, samples: list[tuple[float, float]]
+) -> None:
+    """Every 0.25 s: (calls in flight from /metrics, RSS MiB) of `process`, until `stop`."""
+    with httpx.Client(trust_env=False, timeout=5) as http:
+        while not stop.wait(0.25):
+            try:
+                text = http.get(f"{process.url}/metrics").text
+            except httpx.HTTPError:
+                continue
+            in_flight = sum(
+                float(line.rpartition(" ")[2])
+                for line in text.splitlines()
+                if line.startswith("dispatcher_region_in_flight{")
+            )
+            samples.append((in_flight, rss_mib(process.pid)))
+
+
+def measure_in_flight(
+    stack: BenchStack, process: ServiceProcess, *, capacity: Capacity, jobs: int, role: str
+) -> tuple[InFlightMemory, GoodputResult]:
+    """Run `jobs` through `stack` while sampling `process`; the figures at its peak."""
+    from tests.benchmarks.harness import run_goodput
+
+    strategy = Strategy(key="default", label="this project's default")
+    before = rss_mib(process.pid)
+    samples: list[tuple[float, float]] = []
+    stop = threading.Event()
+    sampler = threading.Thread(target=sample_in_flight, args=(process, stop, samples))
+    sampler.start()
+    try:
+        run = run_goodput(stack, strategy=strategy, capacity=capacity, jobs=jobs, timeout_s=600)
+    finally:
+        stop.set()
+        sampler.join()
+    peak_in_flight, peak_rss = max(samples, default=(0.0, before))
+    row = ScaleRow(scenario="", label="", run=run)
+    return (
+        InFlightMemory(
+            process=role,
+            capacity=capacity.describe(),
+            peak_in_flight=int(peak_in_flight),
+            rss_before_mib=round(before, 1),
+            rss_peak_mib=round(peak_rss, 1),
+            kib_per_call=round((peak_rss - before) * 1024 / max(peak_in_flight, 1), 2),
+            cpu_ms_per_job=round(run.cpu_s.get(role, 0.0) / jobs * 1000, 2),
+            share_of_bound=row.share_of_bound,
+        ),
+        run,
+    )
