@@ -235,7 +235,9 @@ ttl_state() { # COLLECTION_GROUP
       if [[ $field == expire_at || $field == */fields/expire_at ]]; then printf '%s\n' "$state"; fi
     done || true
 }
-for ttl_group in "$FIRESTORE_COLLECTION" blobs; do
+# The instances' heartbeats of the shared region state (REGION_SYNC_S) carry one too:
+# every new instance writes one, so they would pile up without it.
+for ttl_group in "$FIRESTORE_COLLECTION" blobs "${FIRESTORE_COLLECTION}_instances"; do
   case $(ttl_state "$ttl_group") in
     ACTIVE | CREATING) log "TTL on $ttl_group.expire_at is already set" ;;
     *)

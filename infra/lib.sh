@@ -266,7 +266,7 @@ load_deploy_config() {
   : "${MIN_RETRY_DELAY:=10s}"
   : "${MAX_RETRY_DELAY:=600s}"
   : "${WORKER_TIMEOUT_S:=$ACK_DEADLINE_S}"
-  : "${WORKER_CONCURRENCY:=80}"
+  : "${WORKER_CONCURRENCY:=1000}"
   : "${WORKER_MIN_INSTANCES:=0}"
   : "${WORKER_MAX_INSTANCES:=10}"
   : "${WORKER_CPU:=1}"

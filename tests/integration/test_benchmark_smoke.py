@@ -1,7 +1,8 @@
-"""A fast version of benchmark scenario 1 (small N), so the harness cannot rot unnoticed.
+"""Fast versions of benchmark scenarios 1 and 5 (small N), so the harness cannot rot unnoticed.
 
 The real suite is `bash tests/benchmarks/run.sh` (BENCHMARKS.md); this runs the same
-code, in mode 1, with every strategy, on 150 jobs, small latencies and short backoffs.
+code, in mode 1 with every strategy on 150 jobs, and in mode 3 with two workers behind
+the push relay on 60 jobs, with small latencies and short backoffs.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import pytest
 
 from tests.benchmarks.harness import STRATEGIES, Capacity, bench_stack, run_goodput
 from tests.benchmarks.report import Results, render, targets, write_charts
+from tests.benchmarks.scale import ScaleRow, measure_store_ceiling, scale_stack, store_operations
+from tests.integration.conftest import Emulators
 
 pytestmark = pytest.mark.integration
 
@@ -53,3 +56,30 @@ def test_goodput_harness_runs_every_strategy(tmp_path: Path) -> None:
     text = render(results, write_charts(results, tmp_path), notes="\nsmoke\n")
     assert "## 1. Goodput under regional capacity" in text
     assert "this project's default" in text
+
+
+@pytest.mark.timeout(180)
+def test_mode3_scale_harness_runs_with_two_workers(tmp_path: Path, emulators: Emulators) -> None:
+    """Mode 3 at small scale: 2 ingresses, 2 workers behind the push relay, the ceiling too."""
+    pair = (emulators.firestore, emulators.pubsub)
+    results = Results(capacity=SMOKE.describe())
+    results.store_ceiling = measure_store_ceiling(pair, jobs=40, in_flight=8)
+    with scale_stack(pair, log_dir=tmp_path, capacity=SMOKE, workers=2) as stack:
+        run = run_goodput(stack, strategy=STRATEGIES[-1], capacity=SMOKE, jobs=60, timeout_s=90)
+        ops = store_operations(stack)
+    assert run.lost == 0, run.statuses
+    assert run.duplicate_successes == 0
+    assert ops["create"] == 60
+    assert ops["update"] >= 120  # a claim and a result per job
+    results.scale.append(
+        ScaleRow(
+            scenario="mode 3, K workers",
+            label="K = 2",
+            run=run,
+            store_ops_per_job=ops["update"] / 60,
+            ceiling_per_s=results.store_ceiling.rate_per_s,
+        )
+    )
+    text = render(results, write_charts(results, tmp_path), notes="\nsmoke\n")
+    assert "## 5. At realistic scale" in text
+    assert "| K = 2 |" in text

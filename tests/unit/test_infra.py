@@ -334,7 +334,7 @@ def test_build_context_holds_everything_the_dockerfile_copies(
 
 
 def test_dry_run_creates_firestore_database_and_ttl(dry_run: Callable[..., Run]) -> None:
-    """A Native-mode database at the configured location, and TTL on expire_at of jobs and blobs."""
+    """A Native-mode database, and TTL on expire_at of jobs, blobs and instance heartbeats."""
     done = dry_run(FIRESTORE_DATABASE="jobs-db", FIRESTORE_LOCATION="eur3")
     database = flags(done.one("gcloud", "firestore", "databases", "create"))
     assert database["database"] == "jobs-db"
@@ -343,7 +343,7 @@ def test_dry_run_creates_firestore_database_and_ttl(dry_run: Callable[..., Run])
     ttls = [
         c for c in done.commands if c[:5] == ["gcloud", "firestore", "fields", "ttls", "update"]
     ]
-    assert {flags(ttl)["collection-group"] for ttl in ttls} == {"jobs", "blobs"}
+    assert {flags(ttl)["collection-group"] for ttl in ttls} == {"jobs", "blobs", "jobs_instances"}
     for ttl in ttls:
         assert ttl[5] == "expire_at"
         assert flags(ttl)["database"] == "jobs-db"
