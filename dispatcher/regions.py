@@ -384,7 +384,7 @@ class RegionPool:
             state.failures = 0
             state.cooldown_s = 0.0
             if not slot.counted:
-                self._grow(state)
+                self._grow(state, used=state.in_flight + 1)
         elif outcome is Outcome.OVERLOADED:
             self._refusal_s = max(self._clock() - slot.taken_at, self._refusal_s * 0.9)
             if slot.epoch == state.epoch:
@@ -422,8 +422,16 @@ class RegionPool:
         # failure or an overload may change every waiter's plan, so all look again.
         self._hand_over(wake_the_rest=outcome not in (Outcome.SUCCESS, Outcome.NEUTRAL))
 
-    def _grow(self, state: RegionState) -> None:
-        """Raise the limit after an admitted call: +1 in slow start, else ~+1 per round."""
+    def _grow(self, state: RegionState, *, used: int) -> None:
+        """Raise the limit after an admitted call: +1 in slow start, else ~+1 per round.
+
+        Only while the limit is in use (`used`, the calls in flight with this one, at
+        least half of it): a region that served 5 calls at a time says nothing about 70,
+        and a limit grown while idle would let the next burst of work overrun the region
+        all at once (TCP's congestion window validation, RFC 7661, for the same reason).
+        """
+        if used * 2 < state.limit:
+            return
         config = self._config
         if state.slow_start:
             step = 1.0
@@ -445,7 +453,7 @@ class RegionPool:
         if slot.probe or state.breaker is not Breaker.CLOSED:
             return  # a probe closes the breaker at its end, not before
         slot.counted = True
-        self._grow(state)
+        self._grow(state, used=state.in_flight)
         self._hand_over(wake_the_rest=False)
 
     def _open(self, state: RegionState) -> None:

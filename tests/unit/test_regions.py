@@ -124,9 +124,11 @@ async def test_success_grows_limit_additively_after_overload() -> None:
     pool = RegionPool(PoolConfig(concurrency_initial=4, decrease_factor=0.5, overloads_to_open=99))
     pool.release(await pool.acquire(["a-east1"]), Outcome.OVERLOADED)
     assert pool.state("a-east1").limit == 2
+    held = await pool.acquire(["a-east1"])  # the limit is in use: it may grow
     for _ in range(2):
         pool.release(await pool.acquire(["a-east1"]), Outcome.SUCCESS)
     assert pool.state("a-east1").limit == pytest.approx(2 + 1 / 2 + 1 / 2.5)
+    pool.release(held, Outcome.NEUTRAL)
 
 
 async def test_confirmed_capacity_is_probed_ever_more_rarely() -> None:
@@ -139,12 +141,15 @@ async def test_confirmed_capacity_is_probed_ever_more_rarely() -> None:
         assert state.slowdown == expected
         assert state.limit == pytest.approx(state.ceiling - 1)
         state.limit = state.ceiling - 0.5  # grown back near the ceiling: the next round
+    held = [await pool.acquire(["a-east1"]) for _ in range(6)]  # in use: it may grow
     before = state.limit
     pool.release(await pool.acquire(["a-east1"]), Outcome.SUCCESS)
     assert state.limit == pytest.approx(before + 1 / (before * 32))
     state.limit = state.ceiling + 0.999
     pool.release(await pool.acquire(["a-east1"]), Outcome.SUCCESS)  # past it: capacity grew
     assert state.slowdown == 8
+    for slot in held:
+        pool.release(slot, Outcome.NEUTRAL)
 
 
 async def test_call_waits_for_a_free_slot_instead_of_overflowing() -> None:
@@ -339,3 +344,11 @@ def test_capacity_counts_limits_and_one_probe_per_unhealthy_region() -> None:
     pool.state(REGIONS[1]).breaker = Breaker.OPEN
     assert pool.capacity(REGIONS) == 21
     assert pool.in_flight == 0
+
+
+async def test_limit_does_not_grow_while_the_region_is_barely_used() -> None:
+    """Calls one at a time in a region with limit 16 leave the limit at 16 (no idle growth)."""
+    pool = RegionPool(PoolConfig(concurrency_initial=16, accept_window_s=0))
+    for _ in range(50):
+        pool.release(await pool.acquire(REGIONS[:1]), Outcome.SUCCESS)
+    assert pool.state(REGIONS[0]).limit == 16
