@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,6 +36,7 @@ INLINE_LIMIT = 256 * 1024  # bytes of JSON kept in the job document itself
 CHUNK_BYTES = 512 * 1024
 CHUNKS_PER_COMMIT = 4  # ~2 MiB a commit, well under the 4 MiB gRPC message cap
 CONFLICT_ATTEMPTS = 20  # reads and conditional writes of one update under contention
+KNOWN_MAX = 10_000  # records remembered for their next update (see `_Known`)
 _BLOBS = ("request", "result")
 
 
@@ -46,12 +48,24 @@ class _BlobNeeded(Exception):
         self.data = data
 
 
+@dataclass(frozen=True, slots=True)
+class _Known:
+    """A record as this process last wrote it, and the write's time (its precondition)."""
+
+    stored: JsonObject
+    job: Job
+    update_time: Any
+
+
 class FirestoreJobStore:
     """Job records in one Firestore collection, changed only by conditional writes."""
 
     def __init__(self, client: firestore.AsyncClient, collection: str) -> None:
         self._client = client
         self._collection = client.collection(collection)
+        # Unfinished records this process wrote last, oldest first: the runs under way
+        # here, and a few given back whose next run went elsewhere (bounded).
+        self._known: dict[str, _Known] = {}
 
     @classmethod
     def connect(cls, *, project: str, database: str, collection: str) -> FirestoreJobStore:
@@ -113,40 +127,66 @@ class FirestoreJobStore:
         again on the fresh record. Two round trips instead of a transaction's three
         (begin, read, commit), and no lock held between them: the emulator holds
         transaction locks long under contention, and a lock is not needed for one
-        document.
+        document. When this process wrote the record last (a claim, then its result),
+        the read is skipped: the precondition still catches any writer since.
         """
         STORE_OPERATIONS.labels("update").inc()
         ref = self._collection.document(job_id)
         written: dict[str, tuple[str, int]] = {}
-        # A lease renewal racing a duplicate delivery: a short random pause lets the
-        # other writer finish before the change is tried again on its result.
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(CONFLICT_ATTEMPTS),
-            wait=wait_random(0.01, 0.2),
-            retry=retry_if_exception(_is_conflict),
-            reraise=True,
-        )
         try:
+            try:
+                return await self._update_once(ref, change, written, self._known.pop(job_id, None))
+            except (google_exceptions.FailedPrecondition, google_exceptions.NotFound):
+                pass
+            # Another writer came between (a lease renewal racing a duplicate delivery):
+            # a short random pause lets it finish, then the change runs on its result.
+            # Only now is the retry machinery built: most updates meet no conflict.
+            retrying = AsyncRetrying(
+                stop=stop_after_attempt(CONFLICT_ATTEMPTS),
+                wait=wait_random(0.01, 0.2),
+                retry=retry_if_exception(_is_conflict),
+                reraise=True,
+            )
             async for attempt in retrying:
                 with attempt:
-                    snapshot = await ref.get()
-                    if not snapshot.exists:
-                        return None
-                    stored = snapshot.to_dict() or {}
-                    current = await self._decode(ref, stored)
-                    changed = change(current)
-                    if changed is None:
-                        return current
-                    fields = await self._fields(ref, changed, stored, written)
-                    if fields:
-                        precondition = self._client.write_option(
-                            last_update_time=snapshot.update_time
-                        )
-                        await ref.update(fields, option=precondition)
-                    return changed
+                    return await self._update_once(ref, change, written, None)
         except google_exceptions.GoogleAPIError as exc:
             raise StoreUnavailable(f"Firestore update failed: {exc}") from exc
         raise AssertionError("unreachable: tenacity either returns or reraises")  # pragma: no cover
+
+    async def _update_once(
+        self,
+        ref: Any,
+        change: Change,
+        written: dict[str, tuple[str, int]],
+        known: _Known | None,
+    ) -> Job | None:
+        """One read (unless `known`), change and conditional write."""
+        if known is None:
+            snapshot = await ref.get()
+            if not snapshot.exists:
+                return None
+            stored = snapshot.to_dict() or {}
+            known = _Known(stored, await self._decode(ref, stored), snapshot.update_time)
+        changed = change(known.job)
+        if changed is None:
+            self._remember(ref.id, known)
+            return known.job
+        fields = await self._fields(ref, changed, known.stored, written)
+        if not fields:
+            return changed
+        result = await ref.update(
+            fields, option=self._client.write_option(last_update_time=known.update_time)
+        )
+        if not changed.status.is_terminal:
+            self._remember(ref.id, _Known({**known.stored, **fields}, changed, result.update_time))
+        return changed
+
+    def _remember(self, job_id: str, known: _Known) -> None:
+        """Keep an unfinished record this process wrote last, for its next update."""
+        self._known[job_id] = known
+        if len(self._known) > KNOWN_MAX:
+            del self._known[next(iter(self._known))]  # the oldest: its run moved elsewhere
 
     async def _fields(
         self, ref: Any, job: Job, stored: JsonObject, written: dict[str, tuple[str, int]]

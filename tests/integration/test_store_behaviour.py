@@ -129,3 +129,35 @@ async def test_large_request_and_result_round_trip(
     assert stored is not None
     assert stored.request == request
     assert stored.result == result
+
+
+@pytest.mark.integration
+async def test_a_write_by_another_process_is_never_overwritten(
+    firestore_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    job_factory: Callable[..., Job],
+) -> None:
+    """A store that skips the read for a record it wrote last still sees another's write since."""
+    from dispatcher.firestore_store import FirestoreJobStore
+
+    for key, value in firestore_env.items():
+        monkeypatch.setenv(key, value)
+    collection = unique("jobs")
+    first, second = (
+        FirestoreJobStore.connect(project=PROJECT, database="(default)", collection=collection)
+        for _ in range(2)
+    )
+    try:
+        job = job_factory()
+        await first.create(job)
+        await first.update(job.job_id, lambda j: replace(j, status=JobStatus.RUNNING))
+        await second.update(job.job_id, lambda j: replace(j, deliveries=j.deliveries + 7))
+        # `first` remembers its own write; its precondition fails and it reads again.
+        after = await first.update(job.job_id, lambda j: replace(j, attempts=j.attempts + 1))
+        assert after is not None and after.deliveries == job.deliveries + 7
+        stored = await second.get(job.job_id)
+        assert stored is not None
+        assert (stored.deliveries, stored.attempts) == (job.deliveries + 7, job.attempts + 1)
+    finally:
+        await first.close()
+        await second.close()
