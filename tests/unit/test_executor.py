@@ -246,8 +246,10 @@ async def test_in_process_queue_follows_the_regions_limits_past_any_constant(
     bench_factory: Callable[..., Awaitable[Bench]], job_factory: Callable[..., Job]
 ) -> None:
     """With regions taking 100 calls each, 300 slow calls are in flight at once, no fewer."""
+    # Calls of 3 s: long enough that all 300 start before the first ends, even on a
+    # loaded CI machine (at 0.5 s a slow pump saw the first calls end first).
     bench = await bench_factory(
-        {"default": {"latency_s": 0.5, "capacity": 100}},
+        {"default": {"latency_s": 3.0, "capacity": 100}},
         pool_config=PoolConfig(concurrency_initial=100, concurrency_max=100),
     )
     queue = InProcessQueue(bench.executor, pool=bench.pool, regions=REGIONS, max_pending=1000)
