@@ -22,8 +22,7 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
-PYTHON=${PYTHON:-python3}
-VENV=${VENV:-.venv}
+export VENV=${VENV:-.venv}
 STATE="$ROOT/.local-stack"
 INGRESS_PORT=${INGRESS_PORT:-8080}
 WORKER_PORT=${WORKER_PORT:-8081}
@@ -53,18 +52,7 @@ case "$WORKERS" in
 esac
 [ -z "$WORKERS" ] || [ "$MODE" != memory ] || die "--workers needs mode pubsub, not memory"
 
-command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found; install Python 3.11 or newer"
-"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
-  || die "$("$PYTHON" --version 2>&1) is too old; Python 3.11 or newer is needed"
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-# Install once per version of pyproject.toml (a re-install costs ~20 s).
-stamp="$VENV/.installed-$(cksum pyproject.toml | cut -d' ' -f1)-dev"
-if [ ! -f "$stamp" ]; then
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-  rm -f "$VENV"/.installed-*
-  touch "$stamp"
-fi
+bash infra/venv.sh dev
 
 emulators_present() {
   command -v gcloud >/dev/null 2>&1 && command -v java >/dev/null 2>&1 || return 1

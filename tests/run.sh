@@ -9,28 +9,8 @@
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PYTHON=${PYTHON:-python3}
-VENV=${VENV:-.venv}
-
-if ! command -v "$PYTHON" >/dev/null 2>&1; then
-  echo "tests/run.sh: $PYTHON not found; install Python 3.11 or newer (or set PYTHON)" >&2
-  exit 2
-fi
-if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
-  echo "tests/run.sh: $("$PYTHON" --version 2>&1) is too old; Python 3.11 or newer is needed" >&2
-  exit 2
-fi
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PYTHON" -m venv "$VENV"
-fi
-# Install once per version of pyproject.toml (a re-install costs ~20 s).
-stamp="$VENV/.installed-$(cksum pyproject.toml | cut -d' ' -f1)-dev"
-if [ ! -f "$stamp" ]; then
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-  rm -f "$VENV"/.installed-*
-  touch "$stamp"
-fi
+export VENV=${VENV:-.venv}
+bash infra/venv.sh dev
 
 echo "== ruff check, ruff format --check, mypy --strict"
 "$VENV/bin/ruff" check .

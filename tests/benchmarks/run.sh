@@ -10,13 +10,8 @@
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-PYTHON=${PYTHON:-python3}
-VENV=${VENV:-.venv}
+export VENV=${VENV:-.venv}
 
-if ! command -v "$PYTHON" >/dev/null 2>&1; then
-  echo "tests/benchmarks/run.sh: $PYTHON not found; install Python 3.11 or newer (or set PYTHON)" >&2
-  exit 2
-fi
 if ! command -v wrk >/dev/null 2>&1; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "== installing wrk (apt-get)"
@@ -27,14 +22,7 @@ if ! command -v wrk >/dev/null 2>&1; then
     exit 2
   fi
 fi
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PYTHON" -m venv "$VENV"
-fi
-stamp="$VENV/.installed-$(cksum pyproject.toml | cut -d' ' -f1)-dev-bench"
-if [ ! -f "$stamp" ]; then
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
-  touch "$stamp"
-fi
+bash infra/venv.sh dev,bench
 
 # pyproject's addopts leave tests/benchmarks out of the normal run; replace them here.
 # py-spy (from the bench extra) samples the ingress; it is on the venv's PATH.

@@ -1,0 +1,1 @@
+"""Development tools of vertex-dispatcher (never shipped in the service images)."""
