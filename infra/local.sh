@@ -11,7 +11,7 @@
 #     the push subscription to the worker, and the ingress;
 #   - --workers N (mode pubsub; N >= 1, used even for 1): N workers instead,
 #     the first on WORKER_PORT and the others on free ports, fed from a pull
-#     subscription by dispatcher.devtools.push_relay, which keeps many pushes
+#     subscription by dispatcher_devtools.push_relay, which keeps many pushes
 #     outstanding and sends each to the least busy worker, like Pub/Sub push and
 #     Cloud Run (the emulator's own push sends about one message at a time);
 #   - mode memory (the default otherwise): the ingress alone, jobs in memory;
@@ -134,7 +134,7 @@ else
   export MODEL_ID=${MODEL_ID:-gemini-2.5-flash}
   export MODEL_CONFIG=${MODEL_CONFIG:-"[{\"model_id\": \"$MODEL_ID\", \"supported_regions\": [\"us-central1\", \"us-east4\", \"europe-west4\", \"asia-northeast1\"]}]"}
   export VERTEX_API_ENDPOINT="http://127.0.0.1:$STANDIN_PORT"
-  start standin "$VENV/bin/python" -m dispatcher.devtools.vertex_standin \
+  start standin "$VENV/bin/python" -m dispatcher_devtools.vertex_standin \
     --host 127.0.0.1 --port "$STANDIN_PORT" --config '{"default": {"latency_s": 0.2}}'
   wait_for standin "http://127.0.0.1:$STANDIN_PORT/healthz" ok
 fi
@@ -176,11 +176,11 @@ if [ "$MODE" = pubsub ]; then
     relay_args=()
     for url in "${WORKER_URLS[@]}"; do relay_args+=(--worker "$url"); done
     # The same push timeout and retry delays as the emulator push subscription above.
-    start relay "$VENV/bin/python" -m dispatcher.devtools.push_relay \
+    start relay "$VENV/bin/python" -m dispatcher_devtools.push_relay \
       --subscription "projects/$GOOGLE_CLOUD_PROJECT/subscriptions/$PUBSUB_TOPIC-pull" \
       "${relay_args[@]}" --ack-deadline-s 600 --min-backoff-s 1 --max-backoff-s 60
     wait_for_log relay "push-relay:"
-    PUSHER="pushed to by dispatcher.devtools.push_relay"
+    PUSHER="pushed to by dispatcher_devtools.push_relay"
   fi
 fi
 

@@ -244,7 +244,7 @@ def scale_stack(
             [
                 sys.executable,
                 "-m",
-                "dispatcher.devtools.push_relay",
+                "dispatcher_devtools.push_relay",
                 "--subscription",
                 subscription,
                 *itertools.chain.from_iterable(("--worker", f"{w.url}/") for w in pool),

@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 import httpx
 import pytest
+from dispatcher_devtools.push_relay import PushRelay
 
-from dispatcher.devtools.push_relay import PushRelay
 from tests.integration.conftest import Emulators
 from tests.support.stack import PROJECT, unique
 

@@ -40,7 +40,7 @@ async def test_cli_serves_on_a_free_port() -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "dispatcher.devtools.vertex_standin",
+        "dispatcher_devtools.vertex_standin",
         "--host",
         "127.0.0.1",
         "--port",

@@ -103,7 +103,7 @@ def start_standin(log_dir: Path, config: Mapping[str, Any] | None = None) -> Ser
     if config:
         args += ["--config", json.dumps(dict(config))]
     return ServiceProcess.start(
-        "dispatcher.devtools.vertex_standin",
+        "dispatcher_devtools.vertex_standin",
         {},
         log_dir=log_dir,
         args=args,

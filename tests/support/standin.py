@@ -17,8 +17,8 @@ from typing import Any
 import aiohttp
 import httpx
 import uvicorn
+from dispatcher_devtools.vertex_standin import StandinConfig, create_app
 
-from dispatcher.devtools.vertex_standin import StandinConfig, create_app
 from dispatcher.vertex import http_session
 
 

@@ -1,4 +1,4 @@
-"""Tests for the Vertex AI stand-in server (dispatcher/devtools/vertex_standin.py)."""
+"""Tests for the Vertex AI stand-in server (devtools/dispatcher_devtools/vertex_standin.py)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ from typing import Any
 
 import httpx
 import pytest
-from starlette.applications import Starlette
-from starlette.types import Message
-
-from dispatcher.devtools.vertex_standin import (
+from dispatcher_devtools.vertex_standin import (
     GOOGLE_STATUS,
     RegionBehaviour,
     StandinConfig,
     create_app,
     main,
 )
+from starlette.applications import Starlette
+from starlette.types import Message
+
 from dispatcher.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -34,7 +34,7 @@ come back after the subscription's ack deadline.
 
 Run it with::
 
-    PUBSUB_EMULATOR_HOST=127.0.0.1:8085 python -m dispatcher.devtools.push_relay \\
+    PUBSUB_EMULATOR_HOST=127.0.0.1:8085 python -m dispatcher_devtools.push_relay \\
         --subscription projects/P/subscriptions/S --worker http://127.0.0.1:8081/
 """
 
@@ -316,7 +316,7 @@ async def _serve(relay: PushRelay) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Relay until SIGTERM or SIGINT (the ``python -m`` entry point)."""
     parser = argparse.ArgumentParser(
-        prog="python -m dispatcher.devtools.push_relay",
+        prog="python -m dispatcher_devtools.push_relay",
         description="Push a Pub/Sub emulator pull subscription to workers, like Pub/Sub push. "
         "The emulator is PUBSUB_EMULATOR_HOST.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

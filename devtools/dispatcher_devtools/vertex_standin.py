@@ -18,7 +18,7 @@ and Google's error model (https://cloud.google.com/apis/design/errors).
 
 Run it with::
 
-    python -m dispatcher.devtools.vertex_standin --host 127.0.0.1 --port 8090 \\
+    python -m dispatcher_devtools.vertex_standin --host 127.0.0.1 --port 8090 \\
         --config '{"default": {"latency_s": 0.05}, "regions": {"europe-west4": {"status": 503}}}'
 """
 
@@ -723,7 +723,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         argv: Command-line arguments without the program name (``sys.argv[1:]`` when None).
     """
     parser = argparse.ArgumentParser(
-        prog="python -m dispatcher.devtools.vertex_standin",
+        prog="python -m dispatcher_devtools.vertex_standin",
         description="Development stand-in for Vertex AI generateContent (not Vertex).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
