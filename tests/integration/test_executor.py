@@ -1,4 +1,8 @@
-"""Job execution with the memory store and the stand-in: the rules both services share."""
+"""Job execution with the memory store and the stand-in: the rules both services share.
+
+The stand-in is served on a loopback port (no emulator needed), so these are
+integration tests.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from dispatcher.settings import ModelConfig
 from dispatcher.vertex import RetryPolicy, VertexClient
 from tests.conftest import MODEL, REGIONS
 from tests.support.standin import ServedStandin, serving_standin
+
+pytestmark = pytest.mark.integration
 
 
 @dataclass

@@ -1,4 +1,8 @@
-"""The Vertex client against the project's stand-in, over loopback HTTP."""
+"""The Vertex client against the project's stand-in, over loopback HTTP.
+
+The stand-in is served in the test's own loop on a loopback port, and the client
+uses the production aiohttp session: no emulator is needed, a socket is.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,14 @@ from typing import Any
 
 import pytest
 
-from dispatcher.regions import Breaker, PoolConfig, RegionPool
+from dispatcher.regions import Breaker, PoolConfig, RegionPool, RegionStrategy
 from dispatcher.vertex import RetryPolicy, VertexClient, http_session
 from tests.support.standin import ServedStandin, serving_standin
 
 REGIONS = ("us-central1", "europe-west4", "asia-northeast1")
 REQUEST = {"contents": [{"role": "user", "parts": [{"text": "ping"}]}]}
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
@@ -193,3 +199,39 @@ async def test_unreachable_endpoint_is_transient() -> None:
     assert report.error.error.code == 503 and report.error.error.status == "UNAVAILABLE"
     assert report.error.error.message.startswith("connection failed")
     assert report.regions == ("us-central1", "europe-west4")
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expected_regions"),
+    [
+        (RegionStrategy.NAIVE, ["us-central1"] * 4),
+        (RegionStrategy.ADAPTIVE, ["us-central1", "europe-west4"]),
+    ],
+)
+async def test_retries_stay_in_the_assigned_region_only_when_naive(
+    strategy: RegionStrategy, expected_regions: list[str]
+) -> None:
+    """Naive retries a 429 in the job's own region (with backoff); adaptive moves on."""
+    async with serving_standin({"regions": {"us-central1": {"status": 429}}}) as standin:
+        client = VertexClient(
+            standin.session,
+            project="p",
+            pool=RegionPool(PoolConfig(strategy=strategy)),
+            policy=RetryPolicy(
+                max_retries=3,
+                backoff_initial_s=0.001,
+                backoff_max_s=0.002,
+                attempt_timeout_s=5,
+                budget_s=30,
+            ),
+            endpoint=standin.url,
+        )
+        report = await client.generate(
+            model="m",
+            request={"contents": [{"parts": [{"text": "q"}]}]},
+            regions=REGIONS,
+            preferred="us-central1",
+        )
+        calls = [call["region"] for call in (await standin.control.get("/_standin/calls")).json()]
+    assert calls == expected_regions
+    assert list(report.regions) == expected_regions
