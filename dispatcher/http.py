@@ -17,25 +17,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from dispatcher import logs
 from dispatcher.errors import ConfigError, InvalidRequest
 from dispatcher.settings import Settings
+from dispatcher.status import STATUS_NAMES
 
 log = logging.getLogger(__name__)
-
-STATUS_NAMES = {
-    400: "INVALID_ARGUMENT",
-    401: "UNAUTHENTICATED",
-    403: "PERMISSION_DENIED",
-    404: "NOT_FOUND",
-    405: "METHOD_NOT_ALLOWED",
-    409: "ABORTED",
-    411: "LENGTH_REQUIRED",
-    413: "PAYLOAD_TOO_LARGE",
-    415: "UNSUPPORTED_MEDIA_TYPE",
-    429: "RESOURCE_EXHAUSTED",
-    500: "INTERNAL",
-    501: "UNIMPLEMENTED",
-    503: "UNAVAILABLE",
-    504: "DEADLINE_EXCEEDED",
-}
 
 
 class BodyTooLarge(InvalidRequest):

@@ -34,23 +34,10 @@ from dispatcher.errors import DispatcherError, RegionsBusy
 from dispatcher.jobs import JobError, JsonObject
 from dispatcher.metrics import UPSTREAM_CALLS, UPSTREAM_LATENCY
 from dispatcher.regions import Outcome, RegionPool
+from dispatcher.status import status_name
 
 SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
 TRANSIENT_CODES = frozenset({429, 500, 502, 503, 504})
-_STATUS_NAMES = {
-    400: "INVALID_ARGUMENT",
-    401: "UNAUTHENTICATED",
-    403: "PERMISSION_DENIED",
-    404: "NOT_FOUND",
-    409: "ABORTED",
-    429: "RESOURCE_EXHAUSTED",
-    499: "CANCELLED",
-    500: "INTERNAL",
-    501: "NOT_IMPLEMENTED",
-    502: "UNAVAILABLE",
-    503: "UNAVAILABLE",
-    504: "DEADLINE_EXCEEDED",
-}
 
 
 class VertexError(DispatcherError):
@@ -352,7 +339,7 @@ class VertexClient:
 
 def _google_error(code: int, reason: str | None, payload: bytes) -> JobError:
     """Vertex's own error from its body (`{"error": {"code", "status", "message"}}`)."""
-    status = _STATUS_NAMES.get(code, "UNKNOWN")
+    status = status_name(code)
     message = reason or "error"
     try:
         detail = json.loads(payload).get("error", {})

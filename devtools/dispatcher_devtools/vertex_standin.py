@@ -49,6 +49,7 @@ from starlette.routing import Route
 from starlette.types import Receive
 
 from dispatcher.errors import ConfigError
+from dispatcher.status import status_name
 
 CONFIG_ENV: Final = "VERTEX_STANDIN_CONFIG"
 API_VERSIONS: Final = frozenset({"v1", "v1beta1"})
@@ -56,20 +57,11 @@ CALL_LOG_LIMIT: Final = 200_000
 CLIENT_CLOSED: Final = 499
 """Recorded (never sent) for a call whose client went away during its latency."""
 
-# Google's canonical status for each HTTP code the stand-in may be told to answer.
+# The error statuses the stand-in may be told to answer (those Vertex answers), each
+# with its google.rpc.Code name from the services' one table.
 # https://cloud.google.com/apis/design/errors#handling_errors
 GOOGLE_STATUS: Final[Mapping[int, str]] = MappingProxyType(
-    {
-        400: "INVALID_ARGUMENT",
-        401: "UNAUTHENTICATED",
-        403: "PERMISSION_DENIED",
-        404: "NOT_FOUND",
-        429: "RESOURCE_EXHAUSTED",
-        500: "INTERNAL",
-        502: "UNKNOWN",  # Google has no BAD_GATEWAY status; its front ends answer UNKNOWN
-        503: "UNAVAILABLE",
-        504: "DEADLINE_EXCEEDED",
-    }
+    {code: status_name(code) for code in (400, 401, 403, 404, 429, 500, 502, 503, 504)}
 )
 _ALLOWED_STATUSES: Final = frozenset({200, *GOOGLE_STATUS})
 
@@ -641,14 +633,14 @@ def google_error(code: int, message: str) -> Response:
     """Return an error in Google's JSON shape.
 
     Args:
-        code: The HTTP status; its Google status name comes from `GOOGLE_STATUS`
-            (``"UNKNOWN"`` if it has none).
+        code: The HTTP status; its Google status name comes from
+            `dispatcher.status.status_name` (``"UNKNOWN"`` if it has none).
         message: The human-readable message.
 
     Returns:
         ``{"error": {"code": code, "message": message, "status": NAME}}`` with status ``code``.
     """
-    error = {"code": code, "message": message, "status": GOOGLE_STATUS.get(code, "UNKNOWN")}
+    error = {"code": code, "message": message, "status": status_name(code)}
     return _json({"error": error}, status_code=code)
 
 

@@ -127,7 +127,7 @@ def test_oversized_body_gets_413(stack_factory: Callable[..., Stack]) -> None:
     stack = stack_factory("memory", MAX_REQUEST_BYTES="2048")
     response = stack.submit(prompt("x" * 4096))
     assert response.status_code == 413
-    assert response.json()["error"]["status"] == "PAYLOAD_TOO_LARGE"
+    assert response.json()["error"]["status"] == "INVALID_ARGUMENT"
     assert "2048" in response.json()["error"]["message"]
 
 
