@@ -1,4 +1,4 @@
-"""The batch client (`python -m dispatcher.cli batch`) as a real process against a local stack."""
+"""The batch client (`python -m vertex_dispatch batch`) as a real process against a local stack."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def batch_command(stack: Stack, input_path: Path, output: Path, *extra: str) -> 
     return [
         sys.executable,
         "-m",
-        "dispatcher.cli",
+        "vertex_dispatch",
         "batch",
         str(input_path),
         "--output",

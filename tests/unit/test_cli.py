@@ -1,30 +1,35 @@
-"""The command-line client's pure parts: arguments, batch input, resume state, presentation."""
+"""The command-line client (vertex_dispatch) without a process or a socket: its parts, and that
+it is a package of its own."""
 
 from __future__ import annotations
 
+import ast
+import asyncio
+import contextlib
 import io
 import itertools
 import json
 import re
 import time
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import vertex_dispatch
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from vertex_dispatch import batch, commands, errors, job, progress, report
+from vertex_dispatch import client as api
+from vertex_dispatch.batch import BatchLine, LineOutcome
+from vertex_dispatch.commands import BatchCommand, StatusCommand, SubmitCommand
+from vertex_dispatch.errors import CliError
+from vertex_dispatch.progress import ProgressSnapshot
+from vertex_dispatch.report import RunCounts
 
-from dispatcher import cli
-from dispatcher.cli import (
-    BatchCommand,
-    BatchLine,
-    CliError,
-    LineOutcome,
-    ProgressSnapshot,
-    RunCounts,
-    StatusCommand,
-    SubmitCommand,
-)
+from dispatcher.jobs import JobStatus
 
 PROMPT = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
 
@@ -37,7 +42,7 @@ def request(text: str) -> dict[str, Any]:
 def batch_line(line: int, text: str | None = None) -> BatchLine:
     """A parsed input line whose prompt is `text` (default: "prompt LINE")."""
     body = request(text or f"prompt {line}")
-    return BatchLine(line=line, request=body, request_sha256=cli.canonical_sha256(body))
+    return BatchLine(line=line, request=body, request_sha256=batch.canonical_sha256(body))
 
 
 def write_jsonl(path: Path, documents: list[Any]) -> Path:
@@ -51,9 +56,9 @@ def write_jsonl(path: Path, documents: list[Any]) -> Path:
 
 def test_submit_defaults() -> None:
     """`submit PROMPT` waits, prints text, and talks to the local ingress without auth."""
-    command = cli.parse_command(["submit", "hello"], {})
+    command = commands.parse_command(["submit", "hello"], {})
     assert command == SubmitCommand(
-        connection=cli.Connection(url=cli.DEFAULT_URL, headers={}),
+        connection=api.Connection(url=commands.DEFAULT_URL, headers={}),
         prompt="hello",
         model=None,
         wait=True,
@@ -72,20 +77,20 @@ def test_submit_defaults() -> None:
 )
 def test_submit_options(extra: list[str], field: str, expected: object) -> None:
     """Each submit option lands in its field."""
-    command = cli.parse_command(["submit", "hello", *extra], {})
+    command = commands.parse_command(["submit", "hello", *extra], {})
     assert getattr(command, field) == expected
 
 
 def test_status_wait() -> None:
     """`status JOB --wait S` keeps the job id and the wait in seconds."""
-    command = cli.parse_command(["status", "abc", "--wait", "2.5"], {})
+    command = commands.parse_command(["status", "abc", "--wait", "2.5"], {})
     assert isinstance(command, StatusCommand)
     assert (command.job_id, command.wait_s) == ("abc", 2.5)
 
 
 def test_batch_defaults(tmp_path: Path) -> None:
     """`batch IN.jsonl` writes IN.results.jsonl, 16 lines in flight, 30 s long polls."""
-    command = cli.parse_command(["batch", str(tmp_path / "in.jsonl")], {})
+    command = commands.parse_command(["batch", str(tmp_path / "in.jsonl")], {})
     assert isinstance(command, BatchCommand)
     assert command.output == tmp_path / "in.results.jsonl"
     assert command.journal == tmp_path / "in.results.jsonl.progress"
@@ -97,18 +102,18 @@ def test_batch_defaults(tmp_path: Path) -> None:
     [
         ([], {"DISPATCHER_URL": "http://h:1/"}, "http://h:1", {}),
         (["--url", "https://a.run.app"], {"DISPATCHER_URL": "http://h:1"}, "https://a.run.app", {}),
-        ([], {"DISPATCHER_API_KEY": "k"}, cli.DEFAULT_URL, {"Authorization": "Bearer k"}),
+        ([], {"DISPATCHER_API_KEY": "k"}, commands.DEFAULT_URL, {"Authorization": "Bearer k"}),
         (
             ["--api-key", "o"],
             {"DISPATCHER_API_KEY": "k"},
-            cli.DEFAULT_URL,
+            commands.DEFAULT_URL,
             {"Authorization": "Bearer o"},
         ),
-        ([], {"DISPATCHER_ID_TOKEN": "t"}, cli.DEFAULT_URL, {"Authorization": "Bearer t"}),
+        ([], {"DISPATCHER_ID_TOKEN": "t"}, commands.DEFAULT_URL, {"Authorization": "Bearer t"}),
         (
             ["--id-token", "t"],
             {"DISPATCHER_API_KEY": "k"},
-            cli.DEFAULT_URL,
+            commands.DEFAULT_URL,
             {"Authorization": "Bearer t", "X-API-Key": "k"},
         ),
     ],
@@ -117,7 +122,7 @@ def test_connection_from_options_and_env(
     argv: list[str], env: dict[str, str], url: str, headers: dict[str, str]
 ) -> None:
     """Options win over DISPATCHER_* variables; a key beside a token moves to X-API-Key."""
-    command = cli.parse_command(["status", "abc", *argv], env)
+    command = commands.parse_command(["status", "abc", *argv], env)
     assert command.connection.url == url
     assert dict(command.connection.headers) == headers
 
@@ -142,8 +147,8 @@ def test_bad_arguments_exit_2_with_a_reason(
 ) -> None:
     """Bad arguments exit with code 2 and say what is wrong."""
     with pytest.raises(SystemExit) as exited:
-        cli.parse_command(argv, {})
-    assert exited.value.code == cli.EXIT_USAGE
+        commands.parse_command(argv, {})
+    assert exited.value.code == commands.EXIT_USAGE
     assert message in capsys.readouterr().err
 
 
@@ -157,7 +162,7 @@ def test_bad_arguments_exit_2_with_a_reason(
 )
 def test_default_output_name(name: str, expected: str) -> None:
     """The default output sits next to the input with a .results.jsonl name."""
-    assert cli.default_output(Path("/d") / name) == Path("/d") / expected
+    assert commands.default_output(Path("/d") / name) == Path("/d") / expected
 
 
 # -- batch input ---------------------------------------------------------------------------
@@ -195,7 +200,7 @@ def test_default_output_name(name: str, expected: str) -> None:
 def test_bad_input_line_says_why(text: str, message: str) -> None:
     """Each kind of bad line gets a message naming what is wrong."""
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
-        cli.parse_input_line(text)
+        batch.parse_input_line(text)
 
 
 def test_input_lines_keep_their_file_line_numbers(tmp_path: Path) -> None:
@@ -203,10 +208,10 @@ def test_input_lines_keep_their_file_line_numbers(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     body = json.dumps({"request": PROMPT, "note": "kept out"})
     path.write_bytes(b"\xef\xbb\xbf" + f"{body}\n\n  \n{body}\r\n".encode())
-    batch = cli.read_batch_input(path)
-    assert [line.line for line in batch.lines] == [1, 4]
-    assert batch.lines[0].request == PROMPT
-    assert batch.lines[0].request_sha256 == cli.canonical_sha256(PROMPT)
+    parsed = batch.read_batch_input(path)
+    assert [line.line for line in parsed.lines] == [1, 4]
+    assert parsed.lines[0].request == PROMPT
+    assert parsed.lines[0].request_sha256 == batch.canonical_sha256(PROMPT)
 
 
 def test_every_bad_line_is_reported_with_its_number(tmp_path: Path) -> None:
@@ -214,8 +219,8 @@ def test_every_bad_line_is_reported_with_its_number(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     good = json.dumps({"request": PROMPT})
     path.write_text("\n".join([good, "{", good, *["[]"] * 11]) + "\n")
-    with pytest.raises(cli.BatchInputError) as raised:
-        cli.read_batch_input(path)
+    with pytest.raises(errors.BatchInputError) as raised:
+        batch.read_batch_input(path)
     lines = str(raised.value).splitlines()
     assert (
         lines[0]
@@ -241,28 +246,28 @@ def test_unusable_input_files(tmp_path: Path, content: bytes, message: str) -> N
     """An empty file or one that is not UTF-8 is refused with the reason."""
     path = tmp_path / "in.jsonl"
     path.write_bytes(content)
-    with pytest.raises(cli.BatchInputError, match=re.escape(message)):
-        cli.read_batch_input(path)
+    with pytest.raises(errors.BatchInputError, match=re.escape(message)):
+        batch.read_batch_input(path)
 
 
 def test_missing_input_file(tmp_path: Path) -> None:
     """A missing input file is named in the error."""
-    with pytest.raises(cli.BatchInputError, match=r"nope\.jsonl: cannot read: No such file"):
-        cli.read_batch_input(tmp_path / "nope.jsonl")
+    with pytest.raises(errors.BatchInputError, match=r"nope\.jsonl: cannot read: No such file"):
+        batch.read_batch_input(tmp_path / "nope.jsonl")
 
 
 def test_idempotency_key_depends_on_input_and_line() -> None:
     """The key is stable for an input and line, differs otherwise, and fits the 256-char limit."""
-    key = cli.idempotency_key("a" * 64, 7)
-    assert key == cli.idempotency_key("a" * 64, 7)
-    assert key != cli.idempotency_key("a" * 64, 8)
-    assert key != cli.idempotency_key("b" * 64, 7)
+    key = batch.idempotency_key("a" * 64, 7)
+    assert key == batch.idempotency_key("a" * 64, 7)
+    assert key != batch.idempotency_key("a" * 64, 8)
+    assert key != batch.idempotency_key("b" * 64, 7)
     assert key.startswith("vd-") and len(key) <= 256
 
 
 def test_canonical_hash_ignores_key_order_and_spacing() -> None:
     """Two spellings of one request hash alike, so a reformatted file still resumes."""
-    assert cli.canonical_sha256(json.loads('{"b": 1, "a": [2]}')) == cli.canonical_sha256(
+    assert batch.canonical_sha256(json.loads('{"b": 1, "a": [2]}')) == batch.canonical_sha256(
         {"a": [2], "b": 1}
     )
 
@@ -272,7 +277,7 @@ def test_canonical_hash_ignores_key_order_and_spacing() -> None:
 
 def finished_record(line: BatchLine, status: str = "succeeded") -> dict[str, Any]:
     """An output record of a finished line."""
-    return cli.output_record(line, status=status, job_id=f"job{line.line}", region="r1")
+    return batch.output_record(line, status=status, job_id=f"job{line.line}", region="r1")
 
 
 def pending_record(line: BatchLine, job_id: str) -> dict[str, Any]:
@@ -285,9 +290,9 @@ def pending_record(line: BatchLine, job_id: str) -> dict[str, Any]:
     }
 
 
-def plan(lines: list[BatchLine], *sources: list[Any]) -> cli.ResumeState:
+def plan(lines: list[BatchLine], *sources: list[Any]) -> batch.ResumeState:
     """plan_resume over in-memory sources, each a list of records at offsets 0, 1, 2..."""
-    return cli.plan_resume(
+    return batch.plan_resume(
         lines, [(Path(f"source{i}"), list(enumerate(records))) for i, records in enumerate(sources)]
     )
 
@@ -346,7 +351,9 @@ def test_unfinished_output_records_run_again(
 ) -> None:
     """An output line without a final result is retried, following its job when it has one."""
     line = batch_line(1)
-    record = cli.output_record(line, status=status, job_id=job_id, error={"status": "UNAVAILABLE"})
+    record = batch.output_record(
+        line, status=status, job_id=job_id, error={"status": "UNAVAILABLE"}
+    )
     state = plan([line], [record])
     assert state.finished == {}
     assert state.job_ids == ({1: "j"} if followed else {})
@@ -366,24 +373,24 @@ def test_scan_records_gives_offsets_and_survives_a_torn_line(tmp_path: Path) -> 
     """Each record comes with its byte offset; a torn last line reads as None."""
     path = tmp_path / "journal"
     path.write_bytes(b'{"a": 1}\n\n[1]\n{"b": ')
-    assert list(cli.scan_records(path)) == [(0, {"a": 1}), (10, None), (14, None)]
-    assert list(cli.scan_records(tmp_path / "missing")) == []
+    assert list(batch.scan_records(path)) == [(0, {"a": 1}), (10, None), (14, None)]
+    assert list(batch.scan_records(tmp_path / "missing")) == []
 
 
 def test_journal_then_output_in_input_order(tmp_path: Path) -> None:
     """Records journalled in any order come out in input order, unfinished lines included."""
     lines = [batch_line(1), batch_line(2), batch_line(3)]
-    journal = cli.Journal(tmp_path / "out.jsonl.progress")
+    journal = batch.Journal(tmp_path / "out.jsonl.progress")
     journal.job_accepted(lines[2], "job3")
     offset3 = journal.line_finished(finished_record(lines[2]))
     offset1 = journal.line_finished(finished_record(lines[0], "failed"))
     journal.close()
     finished = {
-        n: cli.StoredRecord(outcome=LineOutcome(line=n, status="x"), path=journal.path, offset=o)
+        n: batch.StoredRecord(outcome=LineOutcome(line=n, status="x"), path=journal.path, offset=o)
         for n, o in [(3, offset3), (1, offset1)]
     }
-    unfinished = {2: cli.output_record(lines[1], status="unsubmitted", error={"code": 503})}
-    cli.write_output(tmp_path / "out.jsonl", lines, finished, unfinished)
+    unfinished = {2: batch.output_record(lines[1], status="unsubmitted", error={"code": 503})}
+    batch.write_output(tmp_path / "out.jsonl", lines, finished, unfinished)
     written = [json.loads(text) for text in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [(r["line"], r["status"]) for r in written] == [
         (1, "failed"),
@@ -397,12 +404,12 @@ def test_journal_then_output_in_input_order(tmp_path: Path) -> None:
 def test_resume_state_read_back_from_files(tmp_path: Path) -> None:
     """What a journal holds is what a re-run plans from, offsets included."""
     lines = [batch_line(1), batch_line(2)]
-    journal = cli.Journal(tmp_path / "out.jsonl.progress")
+    journal = batch.Journal(tmp_path / "out.jsonl.progress")
     journal.job_accepted(lines[0], "job1")
     journal.job_accepted(lines[1], "job2")
     offset = journal.line_finished(finished_record(lines[1]))
     journal.close()
-    state = cli.load_resume_state(lines, tmp_path / "out.jsonl", journal.path)
+    state = batch.load_resume_state(lines, tmp_path / "out.jsonl", journal.path)
     assert state.job_ids == {1: "job1"}
     assert (state.finished[2].path, state.finished[2].offset) == (journal.path, offset)
 
@@ -411,18 +418,20 @@ def test_journal_starts_a_new_line_after_a_torn_one(tmp_path: Path) -> None:
     """A record is never glued onto a line torn by a crash."""
     path = tmp_path / "out.jsonl.progress"
     path.write_bytes(b'{"line": 1, "sta')
-    journal = cli.Journal(path)
+    journal = batch.Journal(path)
     journal.job_accepted(batch_line(2), "j")
     journal.close()
-    assert [record for _, record in cli.scan_records(path)][1] == pending_record(batch_line(2), "j")
+    assert [record for _, record in batch.scan_records(path)][1] == pending_record(
+        batch_line(2), "j"
+    )
 
 
 def test_one_output_one_run(tmp_path: Path) -> None:
     """A second run on the same output is refused while the first holds the journal."""
-    first = cli.Journal(tmp_path / "out.jsonl.progress")
+    first = batch.Journal(tmp_path / "out.jsonl.progress")
     try:
         with pytest.raises(CliError, match="another vertex-dispatch batch is writing"):
-            cli.Journal(tmp_path / "out.jsonl.progress")
+            batch.Journal(tmp_path / "out.jsonl.progress")
     finally:
         first.close()
 
@@ -468,7 +477,7 @@ def test_record_from_a_failed_view() -> None:
         "attempts": 2,
         "error": {"code": 400, "status": "INVALID_ARGUMENT", "message": "m"},
     }
-    record = cli.record_from_view(batch_line(1), view)
+    record = batch.record_from_view(batch_line(1), view)
     assert record == {
         "line": 1,
         "request": batch_line(1).request,
@@ -486,32 +495,33 @@ def test_record_from_a_failed_view() -> None:
 )
 def test_format_duration(seconds: float | None, text: str) -> None:
     """Durations read as M:SS or H:MM:SS."""
-    assert cli.format_duration(seconds) == text
+    assert report.format_duration(seconds) == text
 
 
-@pytest.mark.parametrize(
-    ("tty", "text"),
-    [
-        (
-            True,
-            "[##########..........] 100/200  50% | 98 ok, 2 failed | 20.0/s | ETA 0:05 | 3 retries",
-        ),
-        (False, "progress: 100/200 (50%), 98 succeeded, 2 failed, 20.0/s, ETA 0:05, 3 retries"),
-    ],
-)
-def test_format_progress(tty: bool, text: str) -> None:
-    """A bar for a terminal, plain words for logs: done/total, counts, rate, ETA."""
+def test_format_progress_for_logs() -> None:
+    """A log line has done/total, percent, counts, rate, ETA and retries, in plain words."""
     snapshot = ProgressSnapshot(
         done=100, total=200, succeeded=98, failed=2, rate_per_s=20.0, retries=3
     )
-    assert cli.format_progress(snapshot, tty=tty) == text
+    assert (
+        progress.format_progress(snapshot)
+        == "progress: 100/200 (50%), 98 succeeded, 2 failed, 20.0/s, ETA 0:05, 3 retries"
+    )
+
+
+def test_format_counts_after_the_bar() -> None:
+    """On a terminal the bar is followed by the counts, rate, ETA and retries."""
+    snapshot = ProgressSnapshot(
+        done=100, total=200, succeeded=98, failed=2, rate_per_s=20.0, retries=3
+    )
+    assert progress.format_counts(snapshot) == "98 ok, 2 failed | 20.0/s | ETA 0:05 | 3 retries"
 
 
 def test_progress_before_any_line_finished() -> None:
     """With no rate yet, the rate and ETA are unknown rather than made up."""
     snapshot = ProgressSnapshot(done=0, total=5, succeeded=0, failed=0, rate_per_s=None)
     assert (
-        cli.format_progress(snapshot, tty=False)
+        progress.format_progress(snapshot)
         == "progress: 0/5 (0%), 0 succeeded, 0 failed, -/s, ETA ?"
     )
 
@@ -525,7 +535,7 @@ def test_format_summary() -> None:
         LineOutcome(line=4, status="succeeded", region="us-central1"),
         LineOutcome(line=5, status="rejected", error_status="INVALID_ARGUMENT"),
     ]
-    text = cli.format_summary(
+    text = report.format_summary(
         outcomes, elapsed_s=83.25, counts=RunCounts(submitted=3, reattached=1, earlier=1)
     )
     assert text == (
@@ -558,11 +568,11 @@ class FakeClock:
 def test_plain_progress_is_throttled_for_logs() -> None:
     """Without a terminal, at most one line per interval, and always a final line."""
     stream, clock = io.StringIO(), FakeClock()
-    bar = cli.ProgressBar(stream=stream, total=4, earlier=[], tty=False, clock=clock)
+    bar = progress.ProgressBar(stream=stream, total=4, earlier=[], tty=False, clock=clock)
     for line in range(1, 4):
         clock.now += 0.5
         bar.advance(LineOutcome(line=line, status="succeeded"))
-    clock.now += cli.PLAIN_REFRESH_S
+    clock.now += progress.PLAIN_REFRESH_S
     bar.advance(LineOutcome(line=4, status="failed"))
     bar.close()
     assert stream.getvalue().splitlines() == [
@@ -574,19 +584,19 @@ def test_plain_progress_is_throttled_for_logs() -> None:
 def test_plain_progress_shows_a_heartbeat_when_nothing_changes() -> None:
     """Without a terminal, an unchanged state is printed again only after the heartbeat."""
     stream, clock = io.StringIO(), FakeClock()
-    bar = cli.ProgressBar(stream=stream, total=4, earlier=[], tty=False, clock=clock)
+    bar = progress.ProgressBar(stream=stream, total=4, earlier=[], tty=False, clock=clock)
     bar.render()
-    clock.now += cli.PLAIN_REFRESH_S * 2
+    clock.now += progress.PLAIN_REFRESH_S * 2
     bar.render()
-    clock.now += cli.PLAIN_HEARTBEAT_S
+    clock.now += progress.PLAIN_HEARTBEAT_S
     bar.render()
     assert len(stream.getvalue().splitlines()) == 2
 
 
 def test_tty_progress_redraws_one_line() -> None:
-    """On a terminal the bar is redrawn with \\r and ends with one line break."""
+    """On a terminal the bar is redrawn in place with \\r; a message gets its own line."""
     stream, clock = io.StringIO(), FakeClock()
-    bar = cli.ProgressBar(
+    bar = progress.ProgressBar(
         stream=stream,
         total=2,
         earlier=[LineOutcome(line=1, status="succeeded")],
@@ -598,9 +608,50 @@ def test_tty_progress_redraws_one_line() -> None:
     bar.note("a message")
     bar.close()
     output = stream.getvalue()
+    frames = [frame.rstrip() for frame in output.replace("\n", "\r").split("\r") if frame.strip()]
+    assert frames == [
+        "[##########..........] 1/2  50% | 1 ok, 0 failed | -/s | ETA ?",
+        "[####################] 2/2 100% | 2 ok, 0 failed | 1.0/s | ETA 0:00",
+        "a message",
+        "[####################] 2/2 100% | 2 ok, 0 failed | 1.0/s | ETA 0:00",
+        "[####################] 2/2 100% | 2 ok, 0 failed | 1.0/s | ETA 0:00",
+    ]
     assert output.count("\n") == 2
-    assert output.startswith(cli.CLEAR_LINE + "[####################] 2/2 100% | 2 ok, 0 failed")
-    assert "\r\x1b[Ka message\n" in output
+    assert "\ra message\n" in output
+    assert output.endswith("\n")
+
+
+async def test_tty_spinner_turns_and_clears_its_line() -> None:
+    """On a terminal the spinner redraws one line with the job's status and leaves none."""
+    stream = io.StringIO()
+    spinner = progress.Spinner(stream=stream, tty=True, job_id="j1")
+    spinning = asyncio.create_task(spinner.spin())
+    await asyncio.sleep(progress.TTY_REFRESH_S * 2.5)
+    spinner.update("running")
+    await asyncio.sleep(progress.TTY_REFRESH_S * 1.5)
+    spinning.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await spinning
+    spinner.clear()
+    output = stream.getvalue()
+    frames = [frame for frame in output.split("\r") if frame.strip()]
+    frames_expected = [progress.SPINNER_FRAMES[i % 4] for i in range(len(frames))]
+    assert [frame[0] for frame in frames] == frames_expected
+    assert re.fullmatch(r"\| job j1: pending \d+\.\ds", frames[0])
+    assert re.fullmatch(r". job j1: running \d+\.\ds", frames[-1])
+    assert "\n" not in output
+    assert output.endswith("\r") and not output.split("\r")[-2].strip()
+
+
+async def test_plain_spinner_prints_a_line_per_status() -> None:
+    """Without a terminal, the spinner prints one line per status and nothing else."""
+    stream = io.StringIO()
+    spinner = progress.Spinner(stream=stream, tty=False, job_id="j1")
+    await spinner.spin()
+    for status in ["pending", "running", "running", "succeeded"]:
+        spinner.update(status)
+    spinner.clear()
+    assert stream.getvalue() == "job j1: pending\njob j1: running\njob j1: succeeded\n"
 
 
 @pytest.mark.parametrize(
@@ -621,7 +672,7 @@ def test_tty_progress_redraws_one_line() -> None:
 )
 def test_response_text(result: Any, text: str | None) -> None:
     """The first candidate's text parts, joined; None when there are none."""
-    assert cli.response_text(result) == text
+    assert job.response_text(result) == text
 
 
 @pytest.mark.parametrize(
@@ -638,7 +689,7 @@ def test_response_text(result: Any, text: str | None) -> None:
 )
 def test_describe_error(error: dict[str, Any], text: str) -> None:
     """Errors read as CODE STATUS: message, with whatever parts exist."""
-    assert cli.describe_error(error) == text
+    assert errors.describe_error(error) == text
 
 
 # -- retries and polling -------------------------------------------------------------------
@@ -652,13 +703,13 @@ def test_describe_error(error: dict[str, Any], text: str) -> None:
         (3, None, 0.0, 2.0),
         (20, None, 0.0, 15.0),
         (0, 7.0, 0.5, 7.0),
-        (5, 0.0, 0.5, cli.RETRY_MIN_S),
-        (0, 9999.0, 0.5, cli.RETRY_AFTER_MAX_S),
+        (5, 0.0, 0.5, api.RETRY_MIN_S),
+        (0, 9999.0, 0.5, api.RETRY_AFTER_MAX_S),
     ],
 )
 def test_retry_delay(attempt: int, retry_after: float | None, jitter: float, delay: float) -> None:
     """Retry-After is honoured within bounds; otherwise exponential backoff with jitter, capped."""
-    assert cli.retry_delay(attempt, retry_after, jitter=jitter) == pytest.approx(delay)
+    assert api.retry_delay(attempt, retry_after, jitter=jitter) == pytest.approx(delay)
 
 
 @pytest.mark.parametrize(
@@ -675,16 +726,16 @@ def test_retry_delay(attempt: int, retry_after: float | None, jitter: float, del
 )
 def test_parse_retry_after(header: str | None, seconds: float | None) -> None:
     """Retry-After as seconds or an HTTP date; unreadable values are None."""
-    assert cli.parse_retry_after(header, now=60.0) == seconds
+    assert api.parse_retry_after(header, now=60.0) == seconds
 
 
 def mock_client(
     handler: Callable[[httpx.Request], httpx.Response], *, max_retries: int = 3
-) -> tuple[httpx.AsyncClient, cli.IngressClient]:
+) -> tuple[httpx.AsyncClient, api.IngressClient]:
     """An IngressClient over an in-process transport (no network)."""
     http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-    connection = cli.Connection(url="http://ingress.test", headers={}, max_retries=max_retries)
-    return http, cli.IngressClient(http, connection)
+    connection = api.Connection(url="http://ingress.test", headers={}, max_retries=max_retries)
+    return http, api.IngressClient(http, connection)
 
 
 async def test_backpressure_is_retried_with_the_same_key() -> None:
@@ -726,7 +777,7 @@ async def test_busy_answers_are_retried_for_a_time_not_a_count(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A 429 is retried after Retry-After whatever max_retries says, until the patience is spent."""
-    monkeypatch.setattr(cli, "BUSY_PATIENCE_S", 2.5 * cli.RETRY_MIN_S)
+    monkeypatch.setattr(api, "BUSY_PATIENCE_S", 2.5 * api.RETRY_MIN_S)
     calls: list[int] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -748,7 +799,7 @@ async def test_connection_errors_end_as_unreachable() -> None:
     http, client = mock_client(handler, max_retries=0)
     async with http:
         with pytest.raises(
-            cli.Unreachable, match=r"POST http://ingress.test/generate: ConnectError"
+            errors.Unreachable, match=r"POST http://ingress.test/generate: ConnectError"
         ):
             await client.submit(PROMPT, key="k")
 
@@ -764,11 +815,11 @@ async def test_polling_an_ingress_that_ignores_wait_sleeps_between_polls() -> No
 
     http, client = mock_client(handler)
     async with http:
-        view = await cli.wait_for_job(client, "j", wait_s=30)
+        view = await api.wait_for_job(client, "j", wait_s=30)
     assert view["status"] == "succeeded"
     assert [wait for _, wait in polls] == ["30", "30", "30"]
     gaps = [later - earlier for (earlier, _), (later, _) in itertools.pairwise(polls)]
-    assert gaps[0] >= cli.POLL_INITIAL_S * 0.9 and gaps[1] >= cli.POLL_INITIAL_S * 1.4
+    assert gaps[0] >= api.POLL_INITIAL_S * 0.9 and gaps[1] >= api.POLL_INITIAL_S * 1.4
 
 
 async def test_job_errors_carry_the_http_status() -> None:
@@ -781,6 +832,91 @@ async def test_job_errors_carry_the_http_status() -> None:
 
     http, client = mock_client(handler)
     async with http:
-        with pytest.raises(cli.ApiError, match="GET /jobs/j: 404 NOT_FOUND: no job j") as raised:
+        with pytest.raises(errors.ApiError, match="GET /jobs/j: 404 NOT_FOUND: no job j") as raised:
             await client.job("j", wait_s=None)
     assert raised.value.http_status == 404
+
+
+# -- a package of its own ------------------------------------------------------------------
+
+CLI_DISTRIBUTION = "vertex-dispatcher-cli"
+SERVICES_DISTRIBUTION = "vertex-dispatcher"
+SERVICE_STACK = {"grpcio", "grpcio-status", "protobuf", "proto-plus", "starlette", "uvicorn"}
+"""What the services' Google clients and web stack bring, beside their direct requirements."""
+FORBIDDEN_IMPORTS = {"dispatcher", "ingress", "worker", "google"}
+PACKAGE_DIR = Path(vertex_dispatch.__file__).parent
+
+
+def test_terminal_states_are_the_job_models() -> None:
+    """The client's terminal statuses are exactly the job model's terminal statuses."""
+    assert {status.value for status in JobStatus if status.is_terminal} == api.TERMINAL
+
+
+def dependency_closure(name: str) -> set[str]:
+    """Every distribution `name` installs, itself included, markers evaluated for this machine."""
+    closure: set[str] = set()
+    todo: list[tuple[str, frozenset[str]]] = [(name, frozenset())]
+    seen: set[tuple[str, frozenset[str]]] = set()
+    while todo:
+        current, extras = todo.pop()
+        key = (canonicalize_name(current), extras)
+        if key in seen:
+            continue
+        seen.add(key)
+        closure.add(key[0])
+        for text in metadata.distribution(current).requires or []:
+            requirement = Requirement(text)
+            marker = requirement.marker
+            if marker is not None and not any(
+                marker.evaluate({"extra": extra}) for extra in extras or {""}
+            ):
+                continue
+            todo.append((requirement.name, frozenset(requirement.extras)))
+    return closure
+
+
+def services_own_dependencies() -> set[str]:
+    """The services' direct requirements (no extras) that the CLI does not declare itself."""
+    requirements = [Requirement(text) for text in metadata.requires(SERVICES_DISTRIBUTION) or []]
+    cli_declared = {Requirement(text).name for text in metadata.requires(CLI_DISTRIBUTION) or []}
+    services = {
+        canonicalize_name(requirement.name)
+        for requirement in requirements
+        if requirement.marker is None or requirement.marker.evaluate({"extra": ""})
+    }
+    return services - {canonicalize_name(name) for name in cli_declared}
+
+
+def test_cli_installs_no_google_library_and_nothing_of_the_services() -> None:
+    """The CLI's dependency closure holds no google-* distribution and no service dependency."""
+    closure = dependency_closure(CLI_DISTRIBUTION)
+    assert {"httpx", "tqdm"} <= closure, "the walk must find the CLI's real dependencies"
+    assert {"google-cloud-firestore", "starlette"} <= services_own_dependencies()
+    assert {name for name in closure if name.startswith("google")} == set()
+    assert closure & (services_own_dependencies() | SERVICE_STACK) == set()
+
+
+def imported_top_levels(path: Path) -> set[str]:
+    """The top-level packages a module imports (absolute imports; relative ones are its own)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.partition(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.partition(".")[0])
+    return names
+
+
+CLI_MODULES = sorted(PACKAGE_DIR.rglob("*.py"))
+
+
+def test_the_cli_has_modules_to_check() -> None:
+    """The static import check below sees the package's modules (the walk is not empty)."""
+    assert {path.name for path in CLI_MODULES} >= {"__main__.py", "client.py", "batch.py"}
+
+
+@pytest.mark.parametrize("path", CLI_MODULES, ids=lambda path: path.name)
+def test_cli_modules_import_nothing_of_the_services_or_google(path: Path) -> None:
+    """No module of vertex_dispatch imports dispatcher, ingress, worker or google."""
+    assert imported_top_levels(path) & FORBIDDEN_IMPORTS == set()
