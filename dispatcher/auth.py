@@ -32,10 +32,10 @@ from google.auth import exceptions as google_auth_exceptions
 from google.auth import jwt as google_jwt
 
 from dispatcher.errors import ConfigError, DispatcherError
+from dispatcher.settings import GOOGLE_CERTS_URL
 
 log = logging.getLogger(__name__)
 
-GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 # The two spellings Google puts in `iss` (google.oauth2.id_token._GOOGLE_ISSUERS).
 GOOGLE_ISSUERS = frozenset({"accounts.google.com", "https://accounts.google.com"})
 CLOCK_SKEW_S = 10  # tolerated difference between Google's clock and ours

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dispatcher.errors import RegionsBusy
+from dispatcher.settings import DEFAULTS, Settings
+from dispatcher.settings import RegionStrategy as RegionStrategy  # declared with its setting
 
 # A waiting call looks again at least this often, even with nothing to wake it.
 IDLE_WAKE_S = 5.0
@@ -63,13 +65,6 @@ def session_region(regions: Sequence[str], session_id: str) -> str:
     return regions[int.from_bytes(digest[:8], "big") % len(regions)]
 
 
-class RegionStrategy(enum.StrEnum):
-    """How calls are spread over regions (`REGION_STRATEGY`)."""
-
-    ADAPTIVE = "adaptive"  # breakers, adaptive limits; a retry moves to the next healthy region
-    NAIVE = "naive"  # no breaker, no limit; every call and retry goes to the assigned region
-
-
 class Breaker(enum.StrEnum):
     """A region's circuit-breaker state."""
 
@@ -89,14 +84,18 @@ class Outcome(enum.Enum):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PoolConfig:
-    """Tuning of region health and concurrency (see the README's settings table)."""
+    """Tuning of region health and concurrency.
 
-    cooldown_initial_s: float = 2.0
-    cooldown_max_s: float = 60.0
+    A field `x` with a setting `REGION_X` takes its default from that setting's
+    declaration (see the README's settings table); the others are the pool's own.
+    """
+
+    cooldown_initial_s: float = DEFAULTS["region_cooldown_initial_s"]
+    cooldown_max_s: float = DEFAULTS["region_cooldown_max_s"]
     overloads_to_open: int = 3
-    concurrency_initial: int = 16
-    concurrency_min: int = 1
-    concurrency_max: int = 1000
+    concurrency_initial: int = DEFAULTS["region_concurrency_initial"]
+    concurrency_min: int = DEFAULTS["region_concurrency_min"]
+    concurrency_max: int = DEFAULTS["region_concurrency_max"]
     decrease_factor: float = 0.7
     # Within one call of the limit where the last 429 came, grow this many times slower;
     # twice slower again each time a 429 there confirms the same capacity, up to the max.
@@ -109,8 +108,13 @@ class PoolConfig:
     # is at least twice the slowest recent 429 answer, so a loaded machine (or a slow
     # network) that delays refusals does not count them as admissions.
     accept_window_s: float = 0.2
-    wait_max_s: float = 30.0
-    strategy: RegionStrategy = RegionStrategy.ADAPTIVE
+    wait_max_s: float = DEFAULTS["region_wait_max_s"]
+    strategy: RegionStrategy = DEFAULTS["region_strategy"]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PoolConfig:
+        """The pool's tuning from the `REGION_*` settings (field `x` from `region_x`)."""
+        return cls(**settings.values_for(cls, prefix="region_"))
 
 
 @dataclass(kw_only=True, slots=True)

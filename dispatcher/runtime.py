@@ -79,25 +79,8 @@ async def open_runtime(settings: Settings, *, executes: bool) -> AsyncIterator[R
     async with contextlib.AsyncExitStack() as resources:
         store = build_store(settings)
         resources.push_async_callback(store.close)
-        manager = JobManager(
-            store,
-            Lifecycle(
-                lease_s=settings.lease_s,
-                job_ttl_s=settings.job_ttl_s,
-                publish_grace_s=settings.publish_grace_s,
-            ),
-        )
-        pool = RegionPool(
-            PoolConfig(
-                cooldown_initial_s=settings.region_cooldown_initial_s,
-                cooldown_max_s=settings.region_cooldown_max_s,
-                concurrency_initial=settings.region_concurrency_initial,
-                concurrency_min=settings.region_concurrency_min,
-                concurrency_max=settings.region_concurrency_max,
-                wait_max_s=settings.region_wait_max_s,
-                strategy=settings.region_strategy,
-            )
-        )
+        manager = JobManager(store, Lifecycle(**settings.values_for(Lifecycle)))
+        pool = RegionPool(PoolConfig.from_settings(settings))
         executor: JobExecutor | None = None
         queue: JobQueue | None = None
         sweeper: Sweeper | None = None
@@ -128,9 +111,7 @@ async def open_runtime(settings: Settings, *, executes: bool) -> AsyncIterator[R
                 project=settings.project,
                 pool=pool,
                 policy=RetryPolicy(
-                    max_retries=settings.vertex_max_retries,
-                    backoff_initial_s=settings.vertex_backoff_initial_s,
-                    backoff_max_s=settings.vertex_backoff_max_s,
+                    **settings.values_for(RetryPolicy, prefix="vertex_"),
                     attempt_timeout_s=min(settings.vertex_timeout_s, budget_s),
                     budget_s=budget_s,
                 ),

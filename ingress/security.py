@@ -36,10 +36,17 @@ API_KEY_HEADER = "x-api-key"
 
 
 def security_middleware(settings: Settings) -> list[Middleware]:
-    """The ingress's guards, outermost first: limits, then API keys when configured."""
+    """The ingress's guards, outermost first: limits, then API keys when configured.
+
+    Called once while the app is built at start-up: that is when `API_KEYS_FILE` is read.
+
+    Raises:
+        ConfigError: naming API_KEYS_FILE, when the file cannot be read or is malformed.
+    """
     middleware = [Middleware(RequestLimits)]
-    if settings.api_keys is not None:
-        middleware.append(Middleware(ApiKeyAuth, keys=settings.api_keys))
+    if settings.api_keys_file is not None:
+        keys = ApiKeyStore.load(settings.api_keys_file)
+        middleware.append(Middleware(ApiKeyAuth, keys=keys))
     return middleware
 
 

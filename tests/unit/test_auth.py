@@ -392,12 +392,11 @@ def test_worker_healthz_needs_no_token(worker_client: TestClient) -> None:
         ),
         ({"PUSH_CERTS_URL": "http://certs.example.com/"}, "PUSH_CERTS_URL"),
         ({"PUSH_CERTS_URL": "ftp://127.0.0.1/"}, "PUSH_CERTS_URL"),
-        ({"API_KEYS_FILE": "/nonexistent/keys"}, "API_KEYS_FILE"),
     ],
 )
 def test_bad_security_settings_name_the_variable(env: dict[str, str], variable: str) -> None:
-    """Half a push-auth configuration, an insecure certs URL or a missing keys file stop
-    the service at start-up, naming the variable."""
+    """Half a push-auth configuration or an insecure certs URL stop the service at
+    start-up, naming the variable."""
     with pytest.raises(ConfigError) as caught:
         Settings.from_env(base_env(**env))
     assert caught.value.variable == variable
@@ -414,7 +413,7 @@ def test_security_settings_are_parsed() -> None:
     )
     assert settings.push_audience == AUDIENCE
     assert settings.push_certs_url == "http://127.0.0.1:9/certs"
-    assert settings.api_keys is None
+    assert settings.api_keys_file is None
 
 
 # --- API keys -----------------------------------------------------------------------
@@ -463,13 +462,22 @@ def test_malformed_keys_file_is_refused_without_quoting_it(text: str, words: str
     assert "my-raw-secret-key" not in str(caught.value)
 
 
-def test_keys_file_is_loaded_from_settings(tmp_path: Path) -> None:
-    """API_KEYS_FILE is read once into settings; its repr shows names, not hashes."""
+def test_keys_file_is_loaded_when_the_guards_are_built(tmp_path: Path) -> None:
+    """API_KEYS_FILE is read by the ingress's guards at start-up; the keys' repr shows names."""
     path = tmp_path / "keys"
     path.write_text(KEYS_FILE)
     settings = Settings.from_env(base_env(API_KEYS_FILE=str(path)))
-    assert settings.api_keys is not None and settings.api_keys.names == ("alice", "bob")
-    assert _sha("alice-secret-key") not in repr(settings)
+    keys = security_middleware(settings)[-1].kwargs["keys"]
+    assert isinstance(keys, ApiKeyStore) and keys.names == ("alice", "bob")
+    assert _sha("alice-secret-key") not in repr(keys)
+
+
+def test_missing_keys_file_stops_the_start_naming_the_variable() -> None:
+    """Parsing settings reads no file; building the guards fails, naming API_KEYS_FILE."""
+    settings = Settings.from_env(base_env(API_KEYS_FILE="/nonexistent/keys"))
+    with pytest.raises(ConfigError) as caught:
+        security_middleware(settings)
+    assert caught.value.variable == "API_KEYS_FILE"
 
 
 def _echo_caller_app(keys: ApiKeyStore | None) -> Starlette:
