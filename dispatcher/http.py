@@ -1,11 +1,9 @@
-"""HTTP helpers both services share: the error shape, bounded body reading, serving."""
+"""HTTP helpers both services share: the error shape, bounded body reading, health, metrics."""
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,8 +13,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dispatcher import logs
-from dispatcher.errors import ConfigError, InvalidRequest
-from dispatcher.settings import Settings
+from dispatcher.errors import InvalidRequest
 from dispatcher.status import STATUS_NAMES
 
 log = logging.getLogger(__name__)
@@ -148,53 +145,3 @@ async def internal_error(request: Request, exc: Exception) -> Response:
     """A bug answered in the documented shape, with the traceback in the log only."""
     log.error("unhandled error", exc_info=exc, extra={"path": request.url.path[:200]})
     return error_response(500, "internal error; the details are in the service log")
-
-
-def load_settings(env: Mapping[str, str], *, service: str) -> Settings:
-    """Parse settings for a service's entry point; exit with one clear line on error."""
-    try:
-        return Settings.from_env(env)
-    except ConfigError as exc:
-        print(f"{service}: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-# Young collections every 10,000 allocations instead of 700, and a full one considered
-# after 50 x 100 of them instead of 10 x 10: see `tune_gc`.
-GC_THRESHOLDS = (10_000, 50, 100)
-
-
-def tune_gc() -> None:
-    """Fewer, smaller garbage collections for a service holding many live objects.
-
-    With Python's defaults, full collections ran every few seconds under load, each
-    scanning every live job record and every object made at import: pauses in which
-    the region slots freed meanwhile sat idle (scenario 1 of BENCHMARKS.md: goodput
-    0.90 -> 0.93, the periodic dips gone). Objects from start-up are moved out of the
-    collector's sight (`gc.freeze`); cycles are still collected, later.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
-def serve(app: Any, settings: Settings) -> None:
-    """Serve an ASGI app with uvicorn, JSON logs, and Cloud Run's shutdown grace.
-
-    Cloud Run sends SIGTERM and kills the instance 10 s later; uvicorn stops
-    accepting at once and gives in-flight requests 5 s to finish before cancelling
-    them; cancelled runs then hand their jobs back (at most 3 s) before exit.
-    """
-    import uvicorn
-
-    logs.configure(settings.log_level)
-    tune_gc()
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=5,
-        lifespan="on",
-    )

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 
-from dispatcher.http import load_settings, serve
+from dispatcher import boot
 from ingress.app import create_app
 
 
 def main() -> None:
     """Read the environment once, then serve."""
-    settings = load_settings(os.environ, service="ingress")
-    serve(create_app(settings), settings)
+    boot.run("ingress", create_app, os.environ)
 
 
 if __name__ == "__main__":

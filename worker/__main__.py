@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import os
-import sys
 
-from dispatcher.http import load_settings, serve
-from dispatcher.settings import Mode
+from dispatcher import boot
+from dispatcher.errors import ConfigError
+from dispatcher.settings import Mode, Settings
 from worker.app import create_app
+
+
+def require_pubsub(settings: Settings) -> None:
+    """Refuse to start without a shared store and a topic: no job could reach this process.
+
+    Raises:
+        ConfigError: naming PUBSUB_TOPIC.
+    """
+    if settings.mode is not Mode.PUBSUB:
+        raise ConfigError(
+            "PUBSUB_TOPIC",
+            "the worker needs PUBSUB_TOPIC, FIRESTORE_COLLECTION and FIRESTORE_DATABASE",
+        )
 
 
 def main() -> None:
     """Read the environment once, then serve."""
-    settings = load_settings(os.environ, service="worker")
-    if settings.mode is not Mode.PUBSUB:
-        # Without a shared store and a topic, no job could ever reach this process.
-        print(
-            "worker: configuration error: PUBSUB_TOPIC: the worker needs PUBSUB_TOPIC, "
-            "FIRESTORE_COLLECTION and FIRESTORE_DATABASE",
-            file=sys.stderr,
-        )
-        raise SystemExit(2)
-    serve(create_app(settings), settings)
+    boot.run("worker", create_app, os.environ, check=require_pubsub)
 
 
 if __name__ == "__main__":
