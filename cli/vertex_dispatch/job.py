@@ -83,7 +83,7 @@ async def run_submit(command: SubmitCommand, *, stdout: TextIO, stderr: TextIO) 
             spinning.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await spinning
-        spinner.clear()
+            spinner.clear()  # also before an error is printed
     succeeded = view["status"] == "succeeded"
     if command.json_output:
         stdout.write(json.dumps(view, indent=2, ensure_ascii=False) + "\n")

@@ -879,7 +879,7 @@ def services_own_dependencies() -> set[str]:
     """The services' direct requirements (no extras) that the CLI does not declare itself."""
     requirements = [Requirement(text) for text in metadata.requires(SERVICES_DISTRIBUTION) or []]
     cli_declared = {Requirement(text).name for text in metadata.requires(CLI_DISTRIBUTION) or []}
-    services = {
+    services: set[str] = {
         canonicalize_name(requirement.name)
         for requirement in requirements
         if requirement.marker is None or requirement.marker.evaluate({"extra": ""})
