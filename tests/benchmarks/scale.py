@@ -293,15 +293,16 @@ def create_pull_subscription(pubsub: Emulator, *, topic: str) -> str:
 
 def store_operations(stack: BenchStack) -> dict[str, float]:
     """Firestore operations counted by every ingress and worker, by kind."""
-    totals: Counter[str] = Counter()
+    totals: dict[str, float] = {}
     with httpx.Client(trust_env=False, timeout=10) as http:
         for process in (*stack.ingresses, *stack.workers):
             text = http.get(f"{process.url}/metrics").text
             for line in text.splitlines():
                 if line.startswith("dispatcher_store_operations_total{"):
                     labels, _, value = line.rpartition(" ")
-                    totals[labels.split('"')[1]] += float(value)
-    return dict(totals)
+                    kind = labels.split('"')[1]
+                    totals[kind] = totals.get(kind, 0.0) + float(value)
+    return totals
 
 
 @dataclass

@@ -38,6 +38,7 @@ def test_goodput_mode1(strategy: Strategy, results: Results, log_dir: Path) -> N
         log_dir=log_dir,
         standin_config=CAPACITY.standin_config(),
         regions=regions,
+        emulators=None,  # named, so mypy knows the settings below cannot fill it
         **strategy.env,
     ) as stack:
         profiler = (

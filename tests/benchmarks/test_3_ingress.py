@@ -116,7 +116,12 @@ def test_ingress_mode1(results: Results, log_dir: Path) -> None:
         # The accept path queues up to ~4,000 jobs a second: room for them all, so no 429s.
         room = {"MAX_PENDING_JOBS": "40000"} if standin is not INSTANT_UPSTREAM else {}
         with bench_stack(
-            "memory", log_dir=log_dir, standin_config=standin, regions=REGIONS, **room
+            "memory",
+            log_dir=log_dir,
+            standin_config=standin,
+            regions=REGIONS,
+            emulators=None,  # named, so mypy knows the settings below cannot fill it
+            **room,
         ) as stack:
             profiler = (
                 Profiler(stack.ingress.pid, log_dir / "wrk-mode1.collapsed")

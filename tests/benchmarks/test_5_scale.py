@@ -53,6 +53,7 @@ def mode1(results: Results, log_dir: Path, scenario: str, strategy: Strategy, jo
         log_dir=log_dir,
         standin_config=capacity.standin_config(),
         regions=regions,
+        emulators=None,  # named, so mypy knows the settings below cannot fill it
         **strategy.env,
     ) as stack:
         run = run_goodput(stack, strategy=strategy, capacity=capacity, jobs=jobs, timeout_s=600)

@@ -202,7 +202,7 @@ def test_reset_firestore_deletes_documents(
 
         assert not document.get().exists
     finally:
-        client.close()  # type: ignore[no-untyped-call]  # google-cloud-firestore leaves it untyped
+        client.close()  # untyped in google-cloud-firestore: tests allow untyped calls
 
 
 @pytest.mark.parametrize("kind", KINDS)

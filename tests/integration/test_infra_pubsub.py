@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from google.cloud import pubsub_v1
+from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # re-exported lazily
 from google.pubsub_v1.types import Subscription
 
 from tests.support.processes import base_child_env, free_port

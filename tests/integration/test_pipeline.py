@@ -230,6 +230,10 @@ def test_publish_failure_answers_503_and_leaves_nothing_pending(
     assert response.json()["error"]["status"] == "UNAVAILABLE"
     monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", env["FIRESTORE_EMULATOR_HOST"])
     client = firestore.Client(project="test-project")
-    docs = [d.to_dict() for d in client.collection(env["FIRESTORE_COLLECTION"]).stream()]
+    docs: list[dict[str, object]] = []
+    for snapshot in client.collection(env["FIRESTORE_COLLECTION"]).stream():
+        doc = snapshot.to_dict()
+        assert doc is not None  # a streamed snapshot exists
+        docs.append(doc)
     assert docs, "the ingress stores the record before publishing"
     assert {d["status"] for d in docs} == {"failed"}

@@ -298,7 +298,7 @@ class SchemaChecker:
             matches = [s for s in schema["oneOf"] if not self.problems(value, s, where)]
             return [] if len(matches) == 1 else [f"{where}: matches {len(matches)} of oneOf"]
         kind = schema.get("type")
-        types = {
+        types: dict[str, type | tuple[type, ...]] = {
             "object": dict,
             "array": list,
             "string": str,
@@ -531,7 +531,7 @@ def calls(draw: st.DrawFn) -> dict[str, Any]:
         return draw(st.integers(0, 9)) == 0
 
     any_id = st.text(
-        st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=30
+        st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=30
     ) | st.from_regex(r"[A-Za-z0-9_-]{22}", fullmatch=True)
     job_ref: int | str = draw(st.integers(0, 10**6) | any_id)
     headers: dict[str, str | None] = {
