@@ -17,15 +17,9 @@ import os
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
-
-# Files that still break the rule, being reworked by others while this guard was written
-# (test_serve.py starts a Python subprocess to watch the garbage collector); each is to
-# be made in-process or moved to tests/integration/. Remove a name once its file passes.
-NOT_YET_GUARDED = frozenset({"test_serve.py"})
 
 
 class UnitTierViolation(AssertionError):
@@ -44,13 +38,8 @@ def _forbid(name: str, seen: list[str]) -> Callable[..., NoReturn]:
 
 
 @pytest.fixture(autouse=True)
-def no_sockets_or_processes(
-    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[None]:
+def no_sockets_or_processes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Fails the test if it connects or binds a socket, or starts a subprocess."""
-    if Path(str(request.node.path)).name in NOT_YET_GUARDED:
-        yield
-        return
     seen: list[str] = []
     for owner, attribute in (
         (socket.socket, "connect"),
