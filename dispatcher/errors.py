@@ -38,8 +38,20 @@ class JobExists(DispatcherError):
     """A job with this id already exists."""
 
 
+class IdempotencyConflict(DispatcherError):
+    """Idempotency-Key was already used with a different request body"""
+
+
 class StoreUnavailable(DispatcherError):
     """The job store could not be reached."""
+
+
+class JobNotStored(StoreUnavailable):
+    """the job could not be stored; nothing was queued, try again"""
+
+
+class CorruptRecord(DispatcherError):
+    """A stored record cannot be decoded: a permanent failure of that job, never retried."""
 
 
 class PublishFailed(DispatcherError):

@@ -13,7 +13,16 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dispatcher import logs
-from dispatcher.errors import InvalidRequest
+from dispatcher.errors import (
+    CorruptRecord,
+    DispatcherError,
+    IdempotencyConflict,
+    InvalidRequest,
+    JobNotStored,
+    Overloaded,
+    PublishFailed,
+    StoreUnavailable,
+)
 from dispatcher.status import STATUS_NAMES
 
 log = logging.getLogger(__name__)
@@ -109,6 +118,51 @@ class HttpError(Exception):
     def response(self) -> Response:
         """The error as a response."""
         return error_response(self.status, self.message, self.headers, name=self.name)
+
+
+def http_error_for(exc: DispatcherError) -> HttpError:
+    """The answer to a dispatcher error that reached a handler: the one table of them.
+
+    Errors a caller can cause carry their message to the caller; an unavailable store
+    or queue answers 503 with a fixed message (its cause, with internal detail, is
+    logged where it happened).
+    """
+    match exc:
+        case BodyTooLarge():
+            return HttpError(413, str(exc))
+        case InvalidRequest():
+            return HttpError(400, str(exc))
+        case Overloaded():
+            return HttpError(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
+        case IdempotencyConflict():
+            return HttpError(409, str(exc), name="ALREADY_EXISTS")
+        case JobNotStored():
+            return HttpError(503, str(exc))
+        case StoreUnavailable():
+            return HttpError(503, "the job store is unavailable; try again")
+        case PublishFailed():
+            return HttpError(503, "the job could not be queued; try again")
+        case CorruptRecord():
+            log.error("corrupt job record", extra={"reason": str(exc)})
+            return HttpError(
+                500,
+                "the job's record cannot be read; the details are in the service log",
+                name="DATA_LOSS",
+            )
+    log.error("unexpected dispatcher error", exc_info=exc)
+    return HttpError(500, "internal error; the details are in the service log")
+
+
+async def handle_error(request: Request, exc: Exception) -> Response:
+    """The services' one exception handler for `HttpError` and `DispatcherError`."""
+    if isinstance(exc, HttpError):
+        return exc.response()
+    assert isinstance(exc, DispatcherError)
+    return http_error_for(exc).response()
+
+
+# Starlette's `exception_handlers` for both services' apps.
+ERROR_HANDLERS = {HttpError: handle_error, DispatcherError: handle_error}
 
 
 async def read_body(request: Request, limit: int) -> bytes:

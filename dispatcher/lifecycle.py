@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
-from dispatcher.jobs import Job, JobError, JobStatus, JsonObject
+from dispatcher.jobs import Job, JobError, JobStatus, JsonObject, new_job_id
 from dispatcher.store import Change, JobStore
 
 
@@ -72,6 +72,10 @@ class JobManager:
         self._clock = clock
         self._listeners: list[Callable[[Job], None]] = []
 
+    def now(self) -> datetime:
+        """The time by this manager's clock, the one clock every rule reads."""
+        return self._clock()
+
     def on_finished(self, listener: Callable[[Job], None]) -> None:
         """Call `listener` with each job this process brings to a terminal state."""
         self._listeners.append(listener)
@@ -84,7 +88,7 @@ class JobManager:
     def new_job(
         self,
         *,
-        job_id: str,
+        job_id: str | None = None,
         model: str,
         region: str,
         request: JsonObject,
@@ -94,10 +98,10 @@ class JobManager:
         request_hash: str | None = None,
         trace: str | None = None,
     ) -> Job:
-        """A pending job, stamped with its creation, expiry and sweep times."""
+        """A pending job, stamped with its creation, expiry and sweep times (a new id if none)."""
         now = self._clock()
         return Job(
-            job_id=job_id,
+            job_id=job_id or new_job_id(),
             model=model,
             region=region,
             request=request,

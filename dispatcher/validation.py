@@ -119,12 +119,16 @@ def check_request(request: Any) -> None:
 def check_headers(headers: Mapping[str, str]) -> None:
     """Check the request headers the ingress stores with a job.
 
+    The ingress's `RequestLimits` middleware calls this on every request, before any
+    handler, so handlers read these headers as they are.
+
     Args:
         headers: The request's headers, looked up by lower-case name (Starlette's
             `Headers` is case-insensitive).
 
     Raises:
-        InvalidRequest: naming the header that is too long.
+        InvalidRequest: naming the header that is too long, or an Idempotency-Key
+            that is empty or not printable.
     """
     for name, limit in (
         ("X-Session-Id", MAX_SESSION_ID_CHARS),
@@ -133,6 +137,12 @@ def check_headers(headers: Mapping[str, str]) -> None:
         value = headers.get(name.lower())
         if value is not None and len(value) > limit:
             raise InvalidRequest(f"{name}: longer than {limit} characters", field=name)
+    key = headers.get("idempotency-key")
+    if key is not None and (not key or not key.isprintable()):
+        raise InvalidRequest(
+            f"Idempotency-Key: 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable characters",
+            field="Idempotency-Key",
+        )
 
 
 def _check_parts(parts: list[Any], where: str) -> None:

@@ -12,9 +12,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from dispatcher.http import TraceMiddleware, error_response, healthz, internal_error, metrics
+from dispatcher.http import (
+    ERROR_HANDLERS,
+    TraceMiddleware,
+    error_response,
+    healthz,
+    internal_error,
+    metrics,
+)
 from dispatcher.runtime import open_runtime
 from dispatcher.settings import Mode, Settings
+from dispatcher.submission import Submitter
 from ingress.jobs_api import cancel_job, job_status, submit
 from ingress.openapi import openapi
 from ingress.security import security_middleware
@@ -34,6 +42,14 @@ def create_app(settings: Settings) -> Starlette:
         executes = settings.mode is not Mode.PUBSUB
         async with open_runtime(settings, executes=executes) as runtime:
             app.state.runtime = runtime
+            assert runtime.queue is not None
+            app.state.submitter = Submitter(
+                runtime.manager,
+                runtime.queue,
+                models=settings.models,
+                default_model=settings.model_id,
+                round_robin=runtime.round_robin,
+            )
             log.info("ingress ready", extra={"mode": settings.mode.value})
             yield
 
@@ -52,7 +68,12 @@ def create_app(settings: Settings) -> Starlette:
             Middleware(TraceMiddleware, project=settings.project),
         ],
         lifespan=lifespan,
-        exception_handlers={404: _not_found, 405: _not_allowed, Exception: internal_error},
+        exception_handlers={
+            **ERROR_HANDLERS,
+            404: _not_found,
+            405: _not_allowed,
+            Exception: internal_error,
+        },
     )
 
 

@@ -36,31 +36,28 @@ async def vertex_generate(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     version = request.path_params["version"]
     model, _, action = request.path_params["model_action"].partition(":")
-    try:
-        if version not in API_VERSIONS or action not in ACTIONS:
-            raise HttpError(404, f"no route POST {request.url.path[:200]}")
-        if model not in runtime.settings.models:
-            raise HttpError(
-                404,
-                f"Publisher Model `{model}` is not served by this dispatcher "
-                f"(configured: {', '.join(runtime.settings.models)})",
-            )
-        job, _ = await accept_job(request, model_override=model)
-        finished = (
-            job
-            if job.status.is_terminal
-            else await runtime.watcher.wait(job.job_id, runtime.settings.sync_timeout_s)
+    if version not in API_VERSIONS or action not in ACTIONS:
+        raise HttpError(404, f"no route POST {request.url.path[:200]}")
+    if model not in runtime.settings.models:
+        raise HttpError(
+            404,
+            f"Publisher Model `{model}` is not served by this dispatcher "
+            f"(configured: {', '.join(runtime.settings.models)})",
         )
-    except HttpError as exc:
-        return exc.response()
+    job = (await accept_job(request, model_override=model)).job
+    finished = (
+        job
+        if job.status.is_terminal
+        else await runtime.watcher.wait(job.job_id, runtime.settings.sync_timeout_s)
+    )
     headers = {JOB_HEADER: job.job_id}
     if finished is None:
-        return HttpError(
+        raise HttpError(
             504,
             f"job {job.job_id} did not finish within {runtime.settings.sync_timeout_s:g} s; "
             f"it goes on: GET /jobs/{job.job_id}",
             headers=headers,
-        ).response()
+        )
     if finished.status is not JobStatus.SUCCEEDED:
         return _failure(finished, headers)
     assert finished.result is not None
