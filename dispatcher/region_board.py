@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from dispatcher.background import BackgroundLoop
 from dispatcher.errors import StoreUnavailable
 from dispatcher.regions import Breaker, RegionEvent, RegionPool
 
@@ -151,7 +152,7 @@ class RegionBoard:
         self._seen_capacity: dict[str, tuple[float, int]] = {}  # (capacity_at, instances)
         self._rounds = 0  # syncs that reached the store
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._syncer = BackgroundLoop("region-board", self._loop)
         self._healthy = True
         pool.listen(self._on_event)
 
@@ -162,15 +163,11 @@ class RegionBoard:
 
     def start(self) -> None:
         """Sync every interval, and at once after this instance opens a breaker."""
-        self._task = asyncio.create_task(self._loop(), name="region-board")
+        self._syncer.start()
 
     async def stop(self) -> None:
         """Stop syncing."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._syncer.stop()
 
     def _on_event(self, region: str, event: RegionEvent) -> None:
         if event is RegionEvent.OPENED:

@@ -14,6 +14,7 @@ import asyncio
 import logging
 from typing import Protocol
 
+from dispatcher.background import BackgroundLoop
 from dispatcher.jobs import Job, JobError
 from dispatcher.lifecycle import JobManager
 
@@ -45,7 +46,7 @@ class Sweeper:
         self._interval_s = interval_s
         self._max_deliveries = max_deliveries
         self._batch = batch
-        self._task: asyncio.Task[None] | None = None
+        self._sweeps = BackgroundLoop("sweeper", self._loop)
 
     async def sweep_once(self) -> int:
         """One pass; returns how many jobs it acted on."""
@@ -75,14 +76,11 @@ class Sweeper:
 
     def start(self) -> None:
         """Sweep every `interval_s` in the background."""
-        self._task = asyncio.create_task(self._loop(), name="sweeper")
+        self._sweeps.start()
 
     async def stop(self) -> None:
         """Stop sweeping."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await self._sweeps.stop()
 
     async def _loop(self) -> None:
         while True:

@@ -10,10 +10,10 @@ single batched store request every `interval_s`, however many requests wait.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import defaultdict
 
+from dispatcher.background import BackgroundLoop
 from dispatcher.errors import StoreUnavailable
 from dispatcher.jobs import Job
 from dispatcher.lifecycle import JobManager
@@ -29,7 +29,7 @@ class JobWatcher:
         self._interval_s = interval_s
         self._waiters: defaultdict[str, set[asyncio.Future[Job]]] = defaultdict(set)
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._poller = BackgroundLoop("job-watcher", self._poll)
         manager.on_finished(self._finished)
 
     @property
@@ -55,15 +55,11 @@ class JobWatcher:
 
     def start(self) -> None:
         """Begin the batched polling for jobs finished elsewhere."""
-        self._task = asyncio.create_task(self._poll(), name="job-watcher")
+        self._poller.start()
 
     async def stop(self) -> None:
         """Stop polling."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._poller.stop()
 
     def _finished(self, job: Job) -> None:
         for future in self._waiters.get(job.job_id, ()):
