@@ -15,12 +15,13 @@ import enum
 import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from typing import Any
 
+from dispatcher.errors import CorruptRecord
 from dispatcher.jobs import Job, JobError
 from dispatcher.lifecycle import ClaimOutcome, JobManager, Progress
 from dispatcher.logs import job_context
+from dispatcher.metrics import JOBS
 from dispatcher.regions import pinned_region
 from dispatcher.settings import ModelConfig
 from dispatcher.vertex import VertexClient
@@ -83,7 +84,16 @@ class JobExecutor:
         Raises:
             StoreUnavailable: the record could not be read or written; retry later.
         """
-        claim = await self._manager.claim(job_id)
+        try:
+            claim = await self._manager.claim(job_id)
+        except CorruptRecord as exc:
+            # Redelivering a record that can never be read would loop for ever: the
+            # delivery is done, and the log (and the metric) say why.
+            log.error(
+                "corrupt job record; not running it", extra={"job_id": job_id, "reason": str(exc)}
+            )
+            JOBS.labels("corrupt").inc()
+            return RunOutcome(result=RunResult.DONE)
         if claim.outcome is ClaimOutcome.MISSING:
             log.warning("job not found; dropping the delivery", extra={"job_id": job_id})
             return RunOutcome(result=RunResult.DONE)
@@ -93,7 +103,8 @@ class JobExecutor:
         job = claim.job
         assert job is not None
         if claim.outcome is ClaimOutcome.BUSY:
-            lease_left = (job.lease_until or _now()) - _now()
+            now = self._manager.now()
+            lease_left = (job.lease_until or now) - now
             return RunOutcome(
                 result=RunResult.RETRY, retry_after_s=max(1.0, lease_left.total_seconds()), job=job
             )
@@ -244,7 +255,3 @@ class _LeaseKeeper:
 
 def _interrupted() -> JobError:
     return JobError(code=503, status="UNAVAILABLE", message="execution interrupted by shutdown")
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)

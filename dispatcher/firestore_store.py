@@ -15,6 +15,7 @@ write with the read's update time as precondition).
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,11 +27,13 @@ from google.cloud import firestore
 from google.cloud.firestore_v1.base_query import FieldFilter
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random
 
-from dispatcher.errors import JobExists, StoreUnavailable
+from dispatcher.errors import CorruptRecord, JobExists, StoreUnavailable
 from dispatcher.jobs import Job, JsonObject
 from dispatcher.metrics import STORE_OPERATIONS
 from dispatcher.region_board import SharedRegion
 from dispatcher.store import Change
+
+log = logging.getLogger(__name__)
 
 INLINE_LIMIT = 256 * 1024  # bytes of JSON kept in the job document itself
 CHUNK_BYTES = 512 * 1024
@@ -111,13 +114,14 @@ class FirestoreJobStore:
         STORE_OPERATIONS.labels("get_many").inc()
         refs = [self._collection.document(job_id) for job_id in job_ids]
         try:
-            return {
-                snapshot.id: await self._decode(snapshot.reference, snapshot.to_dict() or {})
+            found = [
+                await self._decode_or_skip(snapshot)
                 async for snapshot in self._client.get_all(refs)
                 if snapshot.exists
-            }
+            ]
         except google_exceptions.GoogleAPIError as exc:
             raise StoreUnavailable(f"Firestore read failed: {exc}") from exc
+        return {job.job_id: job for job in found if job is not None}
 
     async def update(self, job_id: str, change: Change) -> Job | None:
         """Apply `change` by optimistic concurrency: read, then write if unchanged since.
@@ -211,12 +215,10 @@ class FirestoreJobStore:
             .limit(limit)
         )
         try:
-            return [
-                await self._decode(snapshot.reference, snapshot.to_dict() or {})
-                async for snapshot in query.stream()
-            ]
+            found = [await self._decode_or_skip(snapshot) async for snapshot in query.stream()]
         except google_exceptions.GoogleAPIError as exc:
             raise StoreUnavailable(f"Firestore query failed: {exc}") from exc
+        return [job for job in found if job is not None]
 
     async def close(self) -> None:
         """Close the client's channels."""
@@ -240,6 +242,29 @@ class FirestoreJobStore:
         return blob_id, len(chunks)
 
     async def _decode(self, ref: Any, stored: JsonObject) -> Job:
+        """The job a stored document holds.
+
+        Raises:
+            CorruptRecord: the document is not a job record this code can read (a
+                permanent fault of that record, never retried as StoreUnavailable).
+        """
+        try:
+            return await self._decode_fields(ref, stored)
+        except (KeyError, TypeError, ValueError, RecursionError) as exc:
+            raise CorruptRecord(
+                f"job {ref.id}: the stored record cannot be decoded: {exc!r}"[:500]
+            ) from exc
+
+    async def _decode_or_skip(self, snapshot: Any) -> Job | None:
+        """The snapshot's job, or None (logged) for a corrupt record, so that one bad
+        record does not stop a batch read (the watcher's, the sweep's) for ever."""
+        try:
+            return await self._decode(snapshot.reference, snapshot.to_dict() or {})
+        except CorruptRecord as exc:
+            log.error("corrupt job record skipped", extra={"reason": str(exc)})
+            return None
+
+    async def _decode_fields(self, ref: Any, stored: JsonObject) -> Job:
         doc = dict(stored)
         for blob in _BLOBS:
             inline = doc.pop(f"{blob}_json", None)
