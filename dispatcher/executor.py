@@ -54,13 +54,11 @@ class JobExecutor:
         vertex: VertexClient,
         models: Mapping[str, ModelConfig],
         *,
-        max_deliveries: int,
         requeue_delay_s: float,
     ) -> None:
         self._manager = manager
         self._vertex = vertex
         self._models = models
-        self._max_deliveries = max_deliveries
         self._requeue_delay_s = requeue_delay_s
         self._active: set[asyncio.Task[Any]] = set()
 
@@ -177,7 +175,7 @@ class JobExecutor:
         assert report.error is not None
         error = report.error.error
         deliveries = max(job.deliveries, delivery_attempt or 0)
-        if not report.error.transient or deliveries >= self._max_deliveries:
+        if not report.error.transient or self._manager.rules.out_of_deliveries(deliveries):
             finished = await self._manager.fail(job.job_id, token, error=error, progress=progress)
             log.warning(
                 "job failed",

@@ -44,17 +44,25 @@ class Claim:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Lifecycle:
-    """Timing rules for records.
+    """Timing and delivery rules for records.
 
     Attributes:
         lease_s: How long a claim holds a job without renewal.
         job_ttl_s: How long a record lives after creation.
         publish_grace_s: How long a pending job may wait before the sweep re-dispatches it.
+        max_delivery_attempts: Deliveries after which a job that still fails
+            transiently is failed for good.
     """
 
     lease_s: float
     job_ttl_s: float
     publish_grace_s: float
+    max_delivery_attempts: int
+
+    def out_of_deliveries(self, deliveries: int) -> bool:
+        """Whether a job delivered this many times gets no further delivery: the one
+        statement of the delivery limit (the executor and the sweep both ask it)."""
+        return deliveries >= self.max_delivery_attempts
 
 
 class JobManager:

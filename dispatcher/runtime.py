@@ -122,7 +122,6 @@ async def open_runtime(settings: Settings, *, executes: bool) -> AsyncIterator[R
                 manager,
                 vertex,
                 settings.models,
-                max_deliveries=settings.max_delivery_attempts,
                 requeue_delay_s=settings.requeue_delay_s,
             )
         if settings.mode is Mode.PUBSUB:
@@ -135,7 +134,6 @@ async def open_runtime(settings: Settings, *, executes: bool) -> AsyncIterator[R
                 manager,
                 pubsub,
                 interval_s=settings.sweep_interval_s,
-                max_deliveries=settings.max_delivery_attempts,
             )
         elif executor is not None:
             in_process = InProcessQueue(
@@ -151,7 +149,6 @@ async def open_runtime(settings: Settings, *, executes: bool) -> AsyncIterator[R
                     manager,
                     in_process,
                     interval_s=settings.sweep_interval_s,
-                    max_deliveries=settings.max_delivery_attempts,
                 )
         manager.on_finished(lambda job: JOBS.labels(job.status.value).inc())
         watcher = JobWatcher(manager, interval_s=WATCH_INTERVAL_S)

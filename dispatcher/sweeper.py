@@ -38,13 +38,11 @@ class Sweeper:
         queue: Redispatcher,
         *,
         interval_s: float,
-        max_deliveries: int,
         batch: int = 200,
     ) -> None:
         self._manager = manager
         self._queue = queue
         self._interval_s = interval_s
-        self._max_deliveries = max_deliveries
         self._batch = batch
         self._sweeps = BackgroundLoop("sweeper", self._loop)
 
@@ -52,7 +50,7 @@ class Sweeper:
         """One pass; returns how many jobs it acted on."""
         acted = 0
         for job in await self._manager.due(self._batch):
-            if job.deliveries >= self._max_deliveries:
+            if self._manager.rules.out_of_deliveries(job.deliveries):
                 last = job.error or JobError(
                     code=503, status="UNAVAILABLE", message="executor lost while running"
                 )

@@ -65,36 +65,36 @@ class RequestLimits:
         if scope["type"] == "http":
             refusal = _limit_refusal(scope)
             if refusal is not None:
-                status, name, message = refusal
-                await error_response(status, message, name=name)(scope, receive, send)
+                status, message = refusal
+                await error_response(status, message)(scope, receive, send)
                 return
         await self._app(scope, receive, send)
 
 
-def _limit_refusal(scope: Scope) -> tuple[int, str, str] | None:
-    """(status, status name, message) for a request over a limit, None if within them."""
+def _limit_refusal(scope: Scope) -> tuple[int, str] | None:
+    """(status, message) for a request over a limit, None if within them."""
     path = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
     if len(path) > MAX_PATH_BYTES:
-        return 414, "URI_TOO_LONG", f"path of {len(path)} bytes is over {MAX_PATH_BYTES}"
+        return 414, f"path of {len(path)} bytes is over {MAX_PATH_BYTES}"
     query = scope.get("query_string", b"")
     if len(query) > MAX_QUERY_BYTES:
-        return 414, "URI_TOO_LONG", f"query string of {len(query)} bytes is over {MAX_QUERY_BYTES}"
+        return 414, f"query string of {len(query)} bytes is over {MAX_QUERY_BYTES}"
     raw_headers = scope["headers"]
     if len(raw_headers) > MAX_HEADER_COUNT:
-        return 431, "HEADERS_TOO_LARGE", f"{len(raw_headers)} headers; at most {MAX_HEADER_COUNT}"
+        return 431, f"{len(raw_headers)} headers; at most {MAX_HEADER_COUNT}"
     total = 0
     for name, value in raw_headers:
         size = len(name) + len(value)
         total += size
         if size > MAX_HEADER_BYTES:
             shown = name.decode("latin-1")[:64]
-            return 431, "HEADERS_TOO_LARGE", f"header {shown} is over {MAX_HEADER_BYTES} bytes"
+            return 431, f"header {shown} is over {MAX_HEADER_BYTES} bytes"
     if total > MAX_HEADERS_BYTES:
-        return 431, "HEADERS_TOO_LARGE", f"headers total over {MAX_HEADERS_BYTES} bytes"
+        return 431, f"headers total over {MAX_HEADERS_BYTES} bytes"
     try:
         check_headers(Headers(scope=scope))
     except InvalidRequest as exc:
-        return 400, "INVALID_ARGUMENT", str(exc)
+        return 400, str(exc)
     return None
 
 

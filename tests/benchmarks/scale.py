@@ -341,7 +341,10 @@ def measure_store_ceiling(
                 project=PROJECT, database="(default)", collection=f"ceiling-{suffix}"
             )
             queue = PubSubQueue(project=PROJECT, topic=f"ceiling-{suffix}")
-        manager = JobManager(store, Lifecycle(lease_s=60, job_ttl_s=3600, publish_grace_s=60))
+        manager = JobManager(
+            store,
+            Lifecycle(lease_s=60, job_ttl_s=3600, publish_grace_s=60, max_delivery_attempts=5),
+        )
         gate = asyncio.Semaphore(in_flight)
 
         async def one(index: int) -> None:

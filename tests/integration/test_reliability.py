@@ -153,7 +153,9 @@ def test_job_stored_but_never_published_still_finishes(
             database="(default)",
             collection=stack.env["FIRESTORE_COLLECTION"],
         )
-        manager = JobManager(store, Lifecycle(lease_s=60, job_ttl_s=3600, publish_grace_s=1))
+        manager = JobManager(
+            store, Lifecycle(lease_s=60, job_ttl_s=3600, publish_grace_s=1, max_delivery_attempts=5)
+        )
         job = manager.new_job(
             job_id=new_job_id(),
             model=stack.env["MODEL_ID"],

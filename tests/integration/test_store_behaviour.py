@@ -147,7 +147,7 @@ async def test_large_request_and_result_round_trip(
 @pytest.fixture
 def manager(store: JobStore, clock: Clock) -> JobManager:
     """A manager over each store, empty, with 30 s leases."""
-    rules = Lifecycle(lease_s=30, job_ttl_s=3600, publish_grace_s=60)
+    rules = Lifecycle(lease_s=30, job_ttl_s=3600, publish_grace_s=60, max_delivery_attempts=5)
     return JobManager(store, rules, clock=clock)
 
 
