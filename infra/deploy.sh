@@ -42,33 +42,15 @@ EOF
 CONFIG_FILE="$SCRIPT_DIR/config.env"
 PUBLIC_FLAG=false
 OUT_DIR=''
-while (($#)); do
-  option=$1
-  shift
-  if [[ $option == --*=* ]]; then
-    set -- "${option#*=}" "$@"
-    option=${option%%=*}
-  fi
-  case $option in
-    -h | --help)
-      usage
-      exit 0
-      ;;
-    --dry-run) DRY_RUN=true ;;
+deploy_option() {
+  case $1 in
     --public) PUBLIC_FLAG=true ;;
-    --config)
-      need_value "$option" "$@"
-      CONFIG_FILE=$1
-      shift
-      ;;
-    --out-dir)
-      need_value "$option" "$@"
-      OUT_DIR=$1
-      shift
-      ;;
-    *) die "unknown option $option (see -h)" ;;
+    --config) take_value "$@" && CONFIG_FILE=$2 ;;
+    --out-dir) take_value "$@" && OUT_DIR=$2 ;;
+    *) return 1 ;;
   esac
-done
+}
+parse_options deploy_option "$@"
 
 load_deploy_config "$CONFIG_FILE"
 if [[ $PUBLIC_FLAG == true ]]; then INGRESS_PUBLIC=true; fi

@@ -112,6 +112,41 @@ need_value() {
   fi
 }
 
+# parse_options HANDLER ARG...: the scripts' one option loop. Splits --name=value,
+# answers -h/--help (the script's `usage`) and --dry-run, and passes each other
+# option to `HANDLER OPTION REST...`, which returns 1 for an option it does not know
+# and calls `take_value "$@"` (then reads $2) for one that has a value.
+parse_options() {
+  local handler=$1 option
+  shift
+  while (($#)); do
+    option=$1
+    shift
+    if [[ $option == --*=* ]]; then
+      set -- "${option#*=}" "$@"
+      option=${option%%=*}
+    fi
+    case $option in
+      -h | --help)
+        usage
+        exit 0
+        ;;
+      --dry-run) DRY_RUN=true ;;
+      *)
+        OPTION_VALUES=0
+        "$handler" "$option" "$@" || die "unknown option $option (see -h)"
+        shift "$OPTION_VALUES"
+        ;;
+    esac
+  done
+}
+
+# take_value OPTION REST...: inside a parse_options handler, OPTION has a value ($2).
+take_value() {
+  need_value "$@"
+  OPTION_VALUES=1
+}
+
 # load_config FILE KEY...: read KEY=VALUE lines into shell variables.
 #
 # The file is read, never sourced: no command substitution, no expansion, no

@@ -50,32 +50,23 @@ DEAD_LETTER_TOPIC='' DEAD_LETTER_SUBSCRIPTION='' MAX_DELIVERY_ATTEMPTS=''
 ACK_DEADLINE='' MIN_RETRY_DELAY='' MAX_RETRY_DELAY=''
 PUSH_SERVICE_ACCOUNT='' AUDIENCE=''
 
-while (($#)); do
-  option=$1
-  shift
-  if [[ $option == --*=* ]]; then
-    set -- "${option#*=}" "$@"
-    option=${option%%=*}
-  fi
-  case $option in
-    -h | --help)
-      usage
-      exit 0
-      ;;
-    --dry-run) DRY_RUN=true ;;
+# Each option sets the variable of its name: --ack-deadline sets ACK_DEADLINE.
+pubsub_option() {
+  local name
+  case $1 in
     --project | --topic | --subscription | --push-endpoint | --dead-letter-topic | \
       --dead-letter-subscription | --max-delivery-attempts | --ack-deadline | \
       --min-retry-delay | --max-retry-delay | --push-service-account | --audience)
-      need_value "$option" "$@"
-      name=${option#--}
+      take_value "$@"
+      name=${1#--}
       name=${name//-/_}
       name=$(printf '%s' "$name" | tr '[:lower:]' '[:upper:]')
-      printf -v "$name" '%s' "$1"
-      shift
+      printf -v "$name" '%s' "$2"
       ;;
-    *) die "unknown option $option (see -h)" ;;
+    *) return 1 ;;
   esac
-done
+}
+parse_options pubsub_option "$@"
 
 problems=0
 for required in PROJECT TOPIC SUBSCRIPTION PUSH_ENDPOINT; do

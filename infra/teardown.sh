@@ -30,28 +30,14 @@ EOF
 
 CONFIG_FILE="$SCRIPT_DIR/config.env"
 DELETE_DATA=false
-while (($#)); do
-  option=$1
-  shift
-  if [[ $option == --*=* ]]; then
-    set -- "${option#*=}" "$@"
-    option=${option%%=*}
-  fi
-  case $option in
-    -h | --help)
-      usage
-      exit 0
-      ;;
-    --dry-run) DRY_RUN=true ;;
+teardown_option() {
+  case $1 in
     --delete-data) DELETE_DATA=true ;;
-    --config)
-      need_value "$option" "$@"
-      CONFIG_FILE=$1
-      shift
-      ;;
-    *) die "unknown option $option (see -h)" ;;
+    --config) take_value "$@" && CONFIG_FILE=$2 ;;
+    *) return 1 ;;
   esac
-done
+}
+parse_options teardown_option "$@"
 
 load_deploy_config "$CONFIG_FILE"
 check_names || exit 1

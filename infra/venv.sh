@@ -11,6 +11,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
+case ${1:-} in
+  -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" | sed '/^$/,$d'; exit 0 ;;
+esac
 EXTRAS=${1:-dev}
 
 die() { echo "infra/venv.sh: $*" >&2; exit 2; }
