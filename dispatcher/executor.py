@@ -13,18 +13,20 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from dispatcher.errors import CorruptRecord
-from dispatcher.jobs import Job, JobError
+from dispatcher.jobs import Job, JobError, JsonObject
 from dispatcher.lifecycle import ClaimOutcome, JobManager, Progress
 from dispatcher.logs import job_context
-from dispatcher.metrics import JOBS
+from dispatcher.metrics import JOBS, TOKENS
 from dispatcher.regions import pinned_region
-from dispatcher.settings import ModelConfig
-from dispatcher.vertex import VertexClient
+from dispatcher.settings import ModelConfig, Tier
+from dispatcher.tiers import GLOBAL, LatencyBook, auto_tier, lane_parts, regions_for
+from dispatcher.vertex import CallReport, VertexClient
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ class JobExecutor:
         self._models = models
         self._requeue_delay_s = requeue_delay_s
         self._active: set[asyncio.Task[Any]] = set()
+        self._latency = LatencyBook()
 
     @property
     def running(self) -> int:
@@ -126,18 +129,16 @@ class JobExecutor:
             )
             finished = await self._manager.fail(job.job_id, token, error=error, progress=Progress())
             return RunOutcome(result=RunResult.DONE, job=finished)
-        pinned = pinned_region(job.request)
-        regions = (pinned,) if pinned else model.regions
+        if job.deadline is not None and self._manager.now() >= job.deadline:
+            finished = await self._manager.fail(
+                job.job_id, token, error=_deadline_passed(job), progress=Progress()
+            )
+            log.warning("job deadline passed", extra={"job_id": job.job_id})
+            return RunOutcome(result=RunResult.DONE, job=finished)
         tried: list[str] = []
         try:
             async with self._lease_kept(job.job_id, token):
-                report = await self._vertex.generate(
-                    model=job.model,
-                    request=job.request,
-                    regions=regions,
-                    preferred=pinned or job.region,
-                    tried=tried,
-                )
+                report = await self._call(job, model, tried)
         except asyncio.CancelledError:
             # Shutting down: hand the job back at once so another run takes it.
             with contextlib.suppress(Exception):
@@ -145,7 +146,7 @@ class JobExecutor:
                     self._manager.release(
                         job.job_id,
                         token,
-                        progress=Progress(calls=len(tried), regions=tuple(tried)),
+                        progress=_progress(tried, usage=None),
                         retry_in_s=0.0,
                         error=_interrupted(),
                     )
@@ -158,18 +159,16 @@ class JobExecutor:
         await asyncio.sleep(0)
         # The region that gave the final answer (served or refused) becomes the job's
         # region; a job given back for a retry keeps its assigned one.
-        progress = Progress(
-            calls=report.calls,
-            regions=report.regions,
-            served_by=report.regions[-1] if report.regions else None,
-        )
+        usage = report.response.get("usageMetadata") if report.response is not None else None
+        progress = _progress(report.regions, usage=usage if isinstance(usage, dict) else None)
         if report.response is not None:
+            _count_tokens(job, progress)
             finished = await self._manager.succeed(
                 job.job_id, token, result=report.response, progress=progress
             )
             log.info(
                 "job succeeded",
-                extra={"job_id": job.job_id, "region": report.regions[-1], "calls": report.calls},
+                extra={"job_id": job.job_id, "region": progress.served_by, "calls": report.calls},
             )
             return RunOutcome(result=RunResult.DONE, job=finished)
         assert report.error is not None
@@ -200,6 +199,63 @@ class JobExecutor:
             extra={"job_id": job.job_id, "code": error.code, "deliveries": deliveries},
         )
         return RunOutcome(result=RunResult.RETRY, retry_after_s=self._requeue_delay_s, job=released)
+
+    async def _call(self, job: Job, model: ModelConfig, tried: list[str]) -> CallReport:
+        """The job's Vertex call in its tier; `auto` tries flex while the deadline allows."""
+        pinned = pinned_region(job.request)
+        tier = Tier(job.tier)
+        if tier is Tier.AUTO:
+            standard_s = self._latency.p95(job.model, Tier.STANDARD)
+            time_left = self._time_left(job)
+            flex_throttles = job.tiers_tried.count(Tier.FLEX.value)
+            chosen = auto_tier(
+                time_left_s=time_left, standard_p95_s=standard_s, flex_throttles=flex_throttles
+            )
+            if chosen is Tier.FLEX:
+                report = await self._vertex.generate(
+                    model=job.model,
+                    request=job.request,
+                    regions=(GLOBAL,),
+                    preferred=GLOBAL,
+                    tried=tried,
+                    tier=Tier.FLEX,
+                    # Leave a standard call's time before the deadline.
+                    budget_s=None if time_left is None else time_left - standard_s,
+                )
+                if report.response is not None or report.error is None:
+                    return report
+                if not report.error.transient:
+                    return report
+            tier = Tier.STANDARD
+        preferred = job.region
+        # PT regions first: start in one of them (spread by job id), not in the
+        # round-robin region assigned over all of the model's regions.
+        if (
+            tier is Tier.STANDARD
+            and model.provisioned_regions
+            and not pinned
+            and preferred not in model.provisioned_regions
+        ):
+            spread = sum(job.job_id.encode()) % len(model.provisioned_regions)
+            preferred = model.provisioned_regions[spread]
+        started = time.monotonic()
+        report = await self._vertex.generate(
+            model=job.model,
+            request=job.request,
+            regions=(pinned,) if pinned else regions_for(model, tier),
+            preferred=pinned or preferred,
+            tried=tried,
+            tier=tier,
+            budget_s=self._time_left(job),
+        )
+        if report.response is not None and tier is Tier.STANDARD:
+            self._latency.record(job.model, tier, time.monotonic() - started)
+        return report
+
+    def _time_left(self, job: Job) -> float | None:
+        if job.deadline is None:
+            return None
+        return (job.deadline - self._manager.now()).total_seconds()
 
     @contextlib.asynccontextmanager
     async def _lease_kept(self, job_id: str, token: str) -> AsyncIterator[None]:
@@ -249,6 +305,50 @@ class _LeaseKeeper:
             renewal.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewal
+
+
+def _progress(lanes: Sequence[str], *, usage: JsonObject | None) -> Progress:
+    """What a run's calls add to the record: regions and tiers tried, the usage."""
+    parts = [lane_parts(key) for key in lanes]
+    return Progress(
+        calls=len(parts),
+        regions=tuple(region for region, _ in parts),
+        tiers=tuple(tier.value for _, tier in parts),
+        # The region that gave the final answer (served or refused) becomes the job's
+        # region; a job given back for a retry keeps its assigned one (the caller's
+        # `replace(served_by=None)`).
+        served_by=parts[-1][0] if parts else None,
+        usage=usage,
+    )
+
+
+def _count_tokens(job: Job, progress: Progress) -> None:
+    usage = progress.usage or {}
+    tier = progress.tiers[-1] if progress.tiers else job.tier
+    labels = (job.model, progress.served_by or job.region, tier)
+    traffic = str(usage.get("trafficType") or "UNSPECIFIED")
+    for kind, field in _TOKEN_FIELDS:
+        count = usage.get(field)
+        if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+            TOKENS.labels(*labels, traffic, job.owner or "", kind).inc(count)
+
+
+_TOKEN_FIELDS = (
+    ("prompt", "promptTokenCount"),
+    ("candidates", "candidatesTokenCount"),
+    ("cached", "cachedContentTokenCount"),
+    ("thoughts", "thoughtsTokenCount"),
+    ("total", "totalTokenCount"),
+)
+
+
+def _deadline_passed(job: Job) -> JobError:
+    tried = ", ".join(sorted(set(job.tiers_tried))) or "none"
+    return JobError(
+        code=504,
+        status="DEADLINE_EXCEEDED",
+        message=f"the job's deadline passed before it was answered (tiers tried: {tried})",
+    )
 
 
 def _interrupted() -> JobError:

@@ -68,6 +68,10 @@ class Job:
         request_hash: SHA-256 of the request as submitted (to tell a replay from a conflict).
         trace: Cloud Logging trace name of the submitting request, so the worker's
             log lines about the job join the same trace.
+        tier: The consumption tier asked for (`settings.Tier`'s values).
+        deadline: When the job must be done by; past it, it fails DEADLINE_EXCEEDED.
+        tiers_tried: The tier of each call, beside `regions_tried`.
+        usage: Vertex's `usageMetadata` of the answer (tokens, `trafficType`).
     """
 
     job_id: str
@@ -91,6 +95,10 @@ class Job:
     idempotency_key: str | None = None
     request_hash: str | None = None
     trace: str | None = None
+    tier: str = "standard"
+    deadline: datetime | None = None
+    tiers_tried: tuple[str, ...] = ()
+    usage: JsonObject | None = None
 
     def to_doc(self) -> JsonObject:
         """The job as a plain mapping for a store; `request`/`result` stay JSON objects."""
@@ -116,6 +124,10 @@ class Job:
             "idempotency_key": self.idempotency_key,
             "request_hash": self.request_hash,
             "trace": self.trace,
+            "tier": self.tier,
+            "deadline": self.deadline,
+            "tiers_tried": list(self.tiers_tried),
+            "usage": self.usage,
         }
 
     @classmethod
@@ -144,6 +156,10 @@ class Job:
             idempotency_key=doc.get("idempotency_key"),
             request_hash=doc.get("request_hash"),
             trace=doc.get("trace"),
+            tier=str(doc.get("tier") or "standard"),
+            deadline=as_utc(doc["deadline"]) if doc.get("deadline") else None,
+            tiers_tried=tuple(doc.get("tiers_tried") or ()),
+            usage=dict(doc["usage"]) if doc.get("usage") else None,
         )
 
 

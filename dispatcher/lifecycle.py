@@ -105,6 +105,8 @@ class JobManager:
         idempotency_key: str | None = None,
         request_hash: str | None = None,
         trace: str | None = None,
+        tier: str = "standard",
+        deadline: datetime | None = None,
     ) -> Job:
         """A pending job, stamped with its creation, expiry and sweep times (a new id if none)."""
         now = self._clock()
@@ -122,6 +124,8 @@ class JobManager:
             idempotency_key=idempotency_key,
             request_hash=request_hash,
             trace=trace,
+            tier=tier,
+            deadline=deadline,
         )
 
     async def get(self, job_id: str) -> Job | None:
@@ -324,6 +328,8 @@ class Progress:
     calls: int = 0
     regions: tuple[str, ...] = ()
     served_by: str | None = None
+    tiers: tuple[str, ...] = ()
+    usage: JsonObject | None = None
 
     def apply(self, job: Job) -> Job:
         """The job with this execution's calls counted."""
@@ -332,6 +338,8 @@ class Progress:
             attempts=job.attempts + self.calls,
             regions_tried=job.regions_tried + self.regions,
             region=self.served_by or job.region,
+            tiers_tried=job.tiers_tried + self.tiers,
+            usage=self.usage or job.usage,
         )
 
 

@@ -41,6 +41,13 @@ STORE_OPERATIONS = Counter(
     ["operation"],
     registry=None,  # registered per runtime by `build_registry`
 )
+TOKENS = Counter(
+    "dispatcher_tokens",
+    "Tokens of answered jobs by model, region, tier, Vertex's trafficType, caller and kind "
+    "(prompt, candidates, cached, thoughts, total), from each response's usageMetadata.",
+    ["model", "region", "tier", "traffic_type", "caller", "kind"],
+    registry=None,  # registered per runtime by `build_registry`
+)
 _BREAKER_VALUE = {Breaker.CLOSED: 0, Breaker.HALF_OPEN: 1, Breaker.OPEN: 2}
 
 
@@ -49,7 +56,7 @@ def build_registry(
 ) -> CollectorRegistry:
     """The registry one service serves: the process's counters and its live state."""
     registry = CollectorRegistry(auto_describe=True)
-    for collector in (JOBS, UPSTREAM_CALLS, UPSTREAM_LATENCY, STORE_OPERATIONS):
+    for collector in (JOBS, UPSTREAM_CALLS, UPSTREAM_LATENCY, STORE_OPERATIONS, TOKENS):
         registry.register(collector)
     registry.register(LiveStateCollector(pool, queued=queued, running=running))
     return registry

@@ -51,12 +51,34 @@ class RegionStrategy(enum.StrEnum):
     NAIVE = "naive"  # no breaker, no limit; every call and retry goes to the assigned region
 
 
+class Tier(enum.StrEnum):
+    """How a job's calls are sold by Vertex (see `dispatcher.tiers` for what each sends)."""
+
+    PROVISIONED = "provisioned"  # Provisioned Throughput only; 429 past it
+    STANDARD = "standard"  # PT first where the model has it, else pay-as-you-go
+    FLEX = "flex"  # Flex PayGo on `global`: about half price, slower, more throttling
+    PRIORITY = "priority"  # Priority PayGo on `global`: premium, more reliable
+    AUTO = "auto"  # flex while the deadline allows, then standard
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ModelConfig:
-    """One model and the regions that serve it, in round-robin order."""
+    """One model and the regions that serve it, in round-robin order.
+
+    Attributes:
+        model_id: The Vertex model id.
+        regions: The regions that serve it (`global` included where configured).
+        provisioned_regions: The regions where the project holds Provisioned
+            Throughput for it (a subset of `regions`).
+        default_tier: The tier of a job that names none.
+        fallbacks: Models to move a job to, in order, when this one is exhausted.
+    """
 
     model_id: str
     regions: tuple[str, ...]
+    provisioned_regions: tuple[str, ...] = ()
+    default_tier: Tier = Tier.STANDARD
+    fallbacks: tuple[str, ...] = ()
 
 
 # --- Declarations -----------------------------------------------------------------------
@@ -234,8 +256,52 @@ def _model_config(raw: str) -> dict[str, ModelConfig]:
             raise ValueError(f"{where} ({model_id}) lists a region twice")
         if model_id in models:
             raise ValueError(f"model {model_id!r} appears twice")
-        models[model_id] = ModelConfig(model_id=model_id, regions=tuple(regions))
+        models[model_id] = _model_options(where, model_id, tuple(regions), entry)
+    for model in models.values():
+        unknown = [name for name in model.fallbacks if name not in models or name == model.model_id]
+        if unknown:
+            raise ValueError(
+                f"model {model.model_id!r}: fallbacks {unknown} are not other configured models"
+            )
     return models
+
+
+def _model_options(
+    where: str, model_id: str, regions: tuple[str, ...], entry: dict[str, Any]
+) -> ModelConfig:
+    """The optional keys of one MODEL_CONFIG entry: PT regions, default tier, fallbacks."""
+    provisioned = entry.get("provisioned_regions", [])
+    if not isinstance(provisioned, list) or not all(r in regions for r in provisioned):
+        raise ValueError(
+            f"{where} ({model_id}): provisioned_regions must be a list of its supported_regions"
+        )
+    tier = entry.get("default_tier", Tier.STANDARD.value)
+    if tier not in {t.value for t in Tier}:
+        raise ValueError(
+            f"{where} ({model_id}): default_tier {tier!r} is not one of "
+            f"{', '.join(t.value for t in Tier)}"
+        )
+    fallbacks = entry.get("fallbacks", [])
+    if not isinstance(fallbacks, list) or not all(isinstance(f, str) for f in fallbacks):
+        raise ValueError(f"{where} ({model_id}): fallbacks must be a list of model ids")
+    model = ModelConfig(
+        model_id=model_id,
+        regions=regions,
+        provisioned_regions=tuple(provisioned),
+        default_tier=Tier(tier),
+        fallbacks=tuple(fallbacks),
+    )
+    for tier_needing_global in (Tier.FLEX, Tier.PRIORITY, Tier.AUTO):
+        if model.default_tier is tier_needing_global and "global" not in regions:
+            raise ValueError(
+                f"{where} ({model_id}): default_tier {tier} needs the 'global' region "
+                "(Flex and Priority PayGo are served on the global endpoint only)"
+            )
+    if model.default_tier is Tier.PROVISIONED and not provisioned:
+        raise ValueError(
+            f"{where} ({model_id}): default_tier provisioned needs provisioned_regions"
+        )
+    return model
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -259,7 +325,8 @@ class Settings:
             "MODEL_CONFIG",
             'JSON `[{"model_id": "...", "supported_regions": ["us-central1", ...]}]`; '
             '`"global"` means `aiplatform.googleapis.com` with `locations/global`, any other '
-            "region `{region}-aiplatform.googleapis.com`",
+            "region `{region}-aiplatform.googleapis.com`; optional per model: "
+            '`"provisioned_regions"`, `"default_tier"`, `"fallbacks"` (see Tiers)',
             _model_config,
         )
     )

@@ -25,6 +25,7 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 
 from dispatcher.errors import (
     IdempotencyConflict,
@@ -38,7 +39,8 @@ from dispatcher.jobs import Job, JobError, JsonObject
 from dispatcher.lifecycle import JobManager
 from dispatcher.queue import JobQueue
 from dispatcher.regions import RoundRobin, pinned_region, session_region
-from dispatcher.settings import ModelConfig
+from dispatcher.settings import ModelConfig, Tier
+from dispatcher.tiers import parse_tier
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,8 @@ class Submission:
         idempotency_key: The request's Idempotency-Key, if any.
         session_id: The request's X-Session-Id, if any.
         trace: The request's trace id, if any.
+        tier: The tier asked for (a name, or None for the model's default).
+        deadline: When the job must be done by, if the request says.
     """
 
     request: JsonObject
@@ -62,6 +66,8 @@ class Submission:
     idempotency_key: str | None = None
     session_id: str | None = None
     trace: str | None = None
+    tier: object = None
+    deadline: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,9 +109,16 @@ class Submitter:
             PublishFailed: the job could not be handed to the queue (it is failed).
         """
         model_id, region = self._route(submission)
+        tier = parse_tier(submission.tier, self._models[model_id])
+        if tier in (Tier.FLEX, Tier.PRIORITY, Tier.AUTO) and pinned_region(submission.request):
+            raise InvalidRequest(
+                f"tier: {tier} runs on 'global', but the request's cachedContent lives in "
+                f"{region}; use tier standard or provisioned",
+                field="tier",
+            )
         key = submission.idempotency_key
         # Only a key can replay a job, so only then is the request's hash needed.
-        request_hash = _request_hash(model_id, submission.request) if key else None
+        request_hash = _request_hash(model_id, tier, submission.request) if key else None
         job_id = _idempotent_job_id(submission.owner, key) if key else None
         if job_id is not None and request_hash is not None:
             earlier = await self._manager.get(job_id)
@@ -122,6 +135,8 @@ class Submitter:
             idempotency_key=key,
             request_hash=request_hash,
             trace=submission.trace,
+            tier=tier.value,
+            deadline=submission.deadline,
         )
         try:
             await self._manager.store.create(job)
@@ -193,6 +208,7 @@ def _idempotent_job_id(owner: str | None, key: str) -> str:
     return base64.urlsafe_b64encode(digest).decode()[:22]
 
 
-def _request_hash(model_id: str, request: JsonObject) -> str:
-    canonical = json.dumps([model_id, request], sort_keys=True, separators=(",", ":"))
+def _request_hash(model_id: str, tier: Tier, request: JsonObject) -> str:
+    # The deadline is left out: "seconds from now" differs on every retry of a request.
+    canonical = json.dumps([model_id, tier.value, request], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -10,6 +10,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
 from dispatcher.errors import InvalidRequest
@@ -231,3 +232,42 @@ def _depth(value: Any) -> int:
         elif isinstance(item, list):
             stack.extend((child, depth + 1) for child in item)
     return deepest
+
+
+# A deadline further out than this is refused: no job record lives that long (JOB_TTL_S
+# defaults to 7 days), and a typo of a unit should not silently mean a month.
+MAX_DEADLINE_S = 7 * 24 * 3600
+
+
+def parse_deadline(raw: object, now: datetime) -> datetime | None:
+    """A request's `"deadline"`: an RFC 3339 time, or seconds from now.
+
+    Raises:
+        InvalidRequest: neither, in the past, or more than 7 days ahead.
+    """
+    if raw is None:
+        return None
+    if isinstance(raw, bool):
+        deadline = None
+    elif isinstance(raw, int | float):
+        seconds = float(raw)
+        deadline = now + timedelta(seconds=seconds) if math.isfinite(seconds) else None
+    elif isinstance(raw, str):
+        try:
+            deadline = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        except ValueError:
+            deadline = None
+        if deadline is not None and deadline.tzinfo is None:
+            deadline = None  # RFC 3339 always has an offset
+    else:
+        deadline = None
+    if deadline is None:
+        raise InvalidRequest(
+            "deadline: an RFC 3339 time (2026-12-01T12:00:00Z) or a number of seconds from now",
+            field="deadline",
+        )
+    if deadline <= now:
+        raise InvalidRequest("deadline: already passed", field="deadline")
+    if (deadline - now).total_seconds() > MAX_DEADLINE_S:
+        raise InvalidRequest("deadline: more than 7 days ahead", field="deadline")
+    return deadline.astimezone(UTC)

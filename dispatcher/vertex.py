@@ -34,7 +34,9 @@ from dispatcher.errors import DispatcherError, RegionsBusy
 from dispatcher.jobs import JobError, JsonObject
 from dispatcher.metrics import UPSTREAM_CALLS, UPSTREAM_LATENCY
 from dispatcher.regions import Outcome, RegionPool
+from dispatcher.settings import Tier
 from dispatcher.status import status_name
+from dispatcher.tiers import HEADERS, lane, lane_parts
 
 SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
 TRANSIENT_CODES = frozenset({429, 500, 502, 503, 504})
@@ -208,6 +210,8 @@ class VertexClient:
         regions: Sequence[str],
         preferred: str,
         tried: list[str] | None = None,
+        tier: Tier = Tier.STANDARD,
+        budget_s: float | None = None,
     ) -> CallReport:
         """Call generateContent, retrying transient failures in the next healthy region.
 
@@ -216,17 +220,24 @@ class VertexClient:
             request: The GenerateContentRequest, sent as given.
             regions: Regions allowed for this job, in round-robin order.
             preferred: The job's assigned region; tried first while healthy.
-            tried: Receives each region as it is called, so a caller that is
-                cancelled mid-way still knows what was spent.
+            tried: Receives each lane (`tiers.lane`: region and tier) as it is called,
+                so a caller that is cancelled mid-way still knows what was spent.
+            tier: The consumption tier: the headers sent and the lanes learned.
+            budget_s: At most this long in all (a deadline), under the policy's budget.
 
         Returns:
-            The report: the response, or the last error, and every region called.
+            The report: the response, or the last error, and every lane called.
         """
         # REGION_STRATEGY=naive keeps every retry in the job's region (the benchmark baseline).
-        order = _rotate(regions, preferred) if self._pool.retries_move else [preferred]
+        first = preferred if preferred in regions else regions[0]
+        rotated = _rotate(regions, first) if self._pool.retries_move else [first]
+        order = [lane(region, tier) for region in rotated]
         tried = [] if tried is None else tried
         started = time.monotonic()
-        give_up_at = started + self._policy.budget_s
+        budget_s = (
+            self._policy.budget_s if budget_s is None else min(budget_s, self._policy.budget_s)
+        )
+        give_up_at = started + budget_s
         try:
             response = await self._call_once(model, request, order, tried, give_up_at)
             return CallReport(regions=tuple(tried), response=response)
@@ -248,7 +259,7 @@ class VertexClient:
         # counts it and waits after it exactly as if it had made it.
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._policy.max_retries + 1)
-            | stop_before_delay(self._policy.budget_s - (time.monotonic() - started)),
+            | stop_before_delay(budget_s - (time.monotonic() - started)),
             wait=wait,
             retry=self._retry,
             reraise=True,
@@ -285,7 +296,7 @@ class VertexClient:
         failure: VertexError | None = None
         started = time.perf_counter()
         try:
-            return await self._post(model, slot.region, request)
+            return await self._post(model, slot.region, request, give_up_at)
         except VertexError as exc:
             failure = exc
             raise
@@ -295,17 +306,21 @@ class VertexClient:
             UPSTREAM_CALLS.labels(slot.region, outcome).inc()
             self._pool.release(slot, health_outcome(failure))
 
-    async def _post(self, model: str, region: str, request: JsonObject) -> JsonObject:
-        headers = {"Content-Type": "application/json"}
+    async def _post(
+        self, model: str, lane_key: str, request: JsonObject, give_up_at: float
+    ) -> JsonObject:
+        region, tier = lane_parts(lane_key)
+        headers = {"Content-Type": "application/json", **HEADERS[tier]}
         if self._credentials is not None:
             headers["Authorization"] = f"Bearer {await self._credentials.token()}"
         url = self._urls.get((model, region))
         if url is None:
             url = self._urls[model, region] = URL(self.url_for(model, region))
         body = json.dumps(request, separators=(",", ":")).encode()
+        timeout_s = max(0.001, min(self._policy.attempt_timeout_s, give_up_at - time.monotonic()))
         try:
             async with (
-                asyncio.timeout(self._policy.attempt_timeout_s),
+                asyncio.timeout(timeout_s),
                 self._http.post(url, data=body, headers=headers) as response,
             ):
                 status, reason, payload = response.status, response.reason, await response.read()
@@ -314,7 +329,7 @@ class VertexClient:
                 JobError(
                     code=504,
                     status="DEADLINE_EXCEEDED",
-                    message=f"no answer within {self._policy.attempt_timeout_s} s",
+                    message=f"no answer within {timeout_s:.3g} s",
                 ),
                 region=region,
             ) from None

@@ -21,7 +21,8 @@ from dispatcher.metrics import JOBS
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Mode
 from dispatcher.submission import Accepted, Submission, Submitter
-from dispatcher.validation import parse_request
+from dispatcher.tiers import tier_from_headers
+from dispatcher.validation import parse_deadline, parse_request
 
 log = logging.getLogger("ingress")
 MAX_WAIT_S = 60.0
@@ -40,6 +41,7 @@ async def submit(request: Request) -> Response:
             "status": job.status.value,
             "model": job.model,
             "region": job.region,
+            "tier": job.tier,
         },
         202,
         headers,
@@ -91,6 +93,11 @@ async def accept_job(request: Request, *, model_override: str | None) -> Accepte
     runtime: Runtime = request.app.state.runtime
     body = parse_request(await read_body(request, runtime.settings.max_request_bytes))
     requested_model = body.pop("model", None)
+    if model_override is None:  # POST /generate: the dispatcher's own fields
+        tier = body.pop("tier", None)
+        deadline = parse_deadline(body.pop("deadline", None), runtime.manager.now())
+    else:  # the Vertex-compatible route: Vertex's own two headers
+        tier, deadline = tier_from_headers(request.headers), None
     submitter: Submitter = request.app.state.submitter
     accepted = await submitter.submit(
         Submission(
@@ -101,6 +108,8 @@ async def accept_job(request: Request, *, model_override: str | None) -> Accepte
             idempotency_key=request.headers.get("idempotency-key"),
             session_id=request.headers.get("x-session-id") or None,
             trace=current_trace.get(),
+            tier=tier,
+            deadline=deadline,
         )
     )
     if not accepted.replayed:
@@ -157,9 +166,15 @@ def job_view(job: Job) -> dict[str, Any]:
         "region": job.region,
         "regions_tried": list(job.regions_tried),
         "attempts": job.attempts,
+        "tier": job.tier,
+        "tiers_tried": list(job.tiers_tried),
         "created_at": rfc3339(job.created_at),
         "updated_at": rfc3339(job.updated_at),
     }
+    if job.deadline is not None:
+        view["deadline"] = rfc3339(job.deadline)
+    if job.usage is not None:
+        view["usage"] = job.usage
     if job.status is JobStatus.SUCCEEDED:
         view["result"] = job.result
     elif job.status is JobStatus.FAILED and job.error is not None:
