@@ -18,14 +18,14 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from dispatcher.errors import CorruptRecord
+from dispatcher.errors import CorruptRecord, InvalidRequest
 from dispatcher.jobs import Job, JobError, JsonObject
 from dispatcher.lifecycle import ClaimOutcome, JobManager, Progress
 from dispatcher.logs import job_context
 from dispatcher.metrics import JOBS, TOKENS
 from dispatcher.regions import pinned_region
 from dispatcher.settings import ModelConfig, Tier
-from dispatcher.tiers import GLOBAL, LatencyBook, auto_tier, lane_parts, regions_for
+from dispatcher.tiers import GLOBAL, LatencyBook, auto_tier, check_tier, lane_parts, regions_for
 from dispatcher.vertex import CallReport, VertexClient
 
 log = logging.getLogger(__name__)
@@ -136,9 +136,10 @@ class JobExecutor:
             log.warning("job deadline passed", extra={"job_id": job.job_id})
             return RunOutcome(result=RunResult.DONE, job=finished)
         tried: list[str] = []
+        models: list[str] = []
         try:
             async with self._lease_kept(job.job_id, token):
-                report = await self._call(job, model, tried)
+                report = await self._call_with_fallbacks(job, model, tried, models)
         except asyncio.CancelledError:
             # Shutting down: hand the job back at once so another run takes it.
             with contextlib.suppress(Exception):
@@ -146,7 +147,7 @@ class JobExecutor:
                     self._manager.release(
                         job.job_id,
                         token,
-                        progress=_progress(tried, usage=None),
+                        progress=_progress(tried, models, usage=None),
                         retry_in_s=0.0,
                         error=_interrupted(),
                     )
@@ -160,7 +161,9 @@ class JobExecutor:
         # The region that gave the final answer (served or refused) becomes the job's
         # region; a job given back for a retry keeps its assigned one.
         usage = report.response.get("usageMetadata") if report.response is not None else None
-        progress = _progress(report.regions, usage=usage if isinstance(usage, dict) else None)
+        progress = _progress(
+            report.regions, models, usage=usage if isinstance(usage, dict) else None
+        )
         if report.response is not None:
             _count_tokens(job, progress)
             finished = await self._manager.succeed(
@@ -200,12 +203,42 @@ class JobExecutor:
         )
         return RunOutcome(result=RunResult.RETRY, retry_after_s=self._requeue_delay_s, job=released)
 
+    async def _call_with_fallbacks(
+        self, job: Job, model: ModelConfig, tried: list[str], models: list[str]
+    ) -> CallReport:
+        """The call in the job's model, then in each of its fallbacks in turn while the
+        failure is transient (never after a 4xx) and the deadline allows.
+
+        `models` receives the model of each lane in `tried`.
+        """
+        chain = [model]
+        if job.fallback:
+            chain += [
+                fallback
+                for name in model.fallbacks
+                if (fallback := self._models.get(name)) is not None and _runs(fallback, job)
+            ]
+        for candidate in chain:
+            before = len(tried)
+            report = await self._call(job, candidate, tried)
+            models.extend([candidate.model_id] * (len(tried) - before))
+            done = report.error is None or not report.error.transient
+            time_left = self._time_left(job)
+            if done or (time_left is not None and time_left <= 0):
+                break
+            if candidate is not chain[-1]:
+                log.warning(
+                    "model exhausted; falling back",
+                    extra={"job_id": job.job_id, "model": candidate.model_id},
+                )
+        return report
+
     async def _call(self, job: Job, model: ModelConfig, tried: list[str]) -> CallReport:
         """The job's Vertex call in its tier; `auto` tries flex while the deadline allows."""
         pinned = pinned_region(job.request)
         tier = Tier(job.tier)
         if tier is Tier.AUTO:
-            standard_s = self._latency.p95(job.model, Tier.STANDARD)
+            standard_s = self._latency.p95(model.model_id, Tier.STANDARD)
             time_left = self._time_left(job)
             flex_throttles = job.tiers_tried.count(Tier.FLEX.value)
             chosen = auto_tier(
@@ -213,7 +246,7 @@ class JobExecutor:
             )
             if chosen is Tier.FLEX:
                 report = await self._vertex.generate(
-                    model=job.model,
+                    model=model.model_id,
                     request=job.request,
                     regions=(GLOBAL,),
                     preferred=GLOBAL,
@@ -240,7 +273,7 @@ class JobExecutor:
             preferred = model.provisioned_regions[spread]
         started = time.monotonic()
         report = await self._vertex.generate(
-            model=job.model,
+            model=model.model_id,
             request=job.request,
             regions=(pinned,) if pinned else regions_for(model, tier),
             preferred=pinned or preferred,
@@ -249,7 +282,7 @@ class JobExecutor:
             budget_s=self._time_left(job),
         )
         if report.response is not None and tier is Tier.STANDARD:
-            self._latency.record(job.model, tier, time.monotonic() - started)
+            self._latency.record(model.model_id, tier, time.monotonic() - started)
         return report
 
     def _time_left(self, job: Job) -> float | None:
@@ -307,11 +340,22 @@ class _LeaseKeeper:
                 await renewal
 
 
-def _progress(lanes: Sequence[str], *, usage: JsonObject | None) -> Progress:
-    """What a run's calls add to the record: regions and tiers tried, the usage."""
+def _runs(model: ModelConfig, job: Job) -> bool:
+    """Whether a fallback model can run the job in its tier (and its cache, if pinned)."""
+    try:
+        check_tier(model, Tier(job.tier))
+    except InvalidRequest:
+        return False
+    pinned = pinned_region(job.request)
+    return pinned is None or pinned in model.regions
+
+
+def _progress(lanes: Sequence[str], models: Sequence[str], *, usage: JsonObject | None) -> Progress:
+    """What a run's calls add to the record: regions, tiers and models tried, the usage."""
     parts = [lane_parts(key) for key in lanes]
     return Progress(
         calls=len(parts),
+        models=tuple(models),
         regions=tuple(region for region, _ in parts),
         tiers=tuple(tier.value for _, tier in parts),
         # The region that gave the final answer (served or refused) becomes the job's

@@ -71,6 +71,8 @@ class Job:
         tier: The consumption tier asked for (`settings.Tier`'s values).
         deadline: When the job must be done by; past it, it fails DEADLINE_EXCEEDED.
         tiers_tried: The tier of each call, beside `regions_tried`.
+        fallback: Whether the job may move to its model's fallbacks.
+        models_tried: The model of each call, beside `regions_tried`.
         usage: Vertex's `usageMetadata` of the answer (tokens, `trafficType`).
     """
 
@@ -98,6 +100,8 @@ class Job:
     tier: str = "standard"
     deadline: datetime | None = None
     tiers_tried: tuple[str, ...] = ()
+    fallback: bool = True
+    models_tried: tuple[str, ...] = ()
     usage: JsonObject | None = None
 
     def to_doc(self) -> JsonObject:
@@ -127,6 +131,8 @@ class Job:
             "tier": self.tier,
             "deadline": self.deadline,
             "tiers_tried": list(self.tiers_tried),
+            "fallback": self.fallback,
+            "models_tried": list(self.models_tried),
             "usage": self.usage,
         }
 
@@ -159,6 +165,8 @@ class Job:
             tier=str(doc.get("tier") or "standard"),
             deadline=as_utc(doc["deadline"]) if doc.get("deadline") else None,
             tiers_tried=tuple(doc.get("tiers_tried") or ()),
+            fallback=bool(doc.get("fallback", True)),
+            models_tried=tuple(doc.get("models_tried") or ()),
             usage=dict(doc["usage"]) if doc.get("usage") else None,
         )
 

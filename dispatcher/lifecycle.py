@@ -107,6 +107,7 @@ class JobManager:
         trace: str | None = None,
         tier: str = "standard",
         deadline: datetime | None = None,
+        fallback: bool = True,
     ) -> Job:
         """A pending job, stamped with its creation, expiry and sweep times (a new id if none)."""
         now = self._clock()
@@ -126,6 +127,7 @@ class JobManager:
             trace=trace,
             tier=tier,
             deadline=deadline,
+            fallback=fallback,
         )
 
     async def get(self, job_id: str) -> Job | None:
@@ -329,6 +331,7 @@ class Progress:
     regions: tuple[str, ...] = ()
     served_by: str | None = None
     tiers: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
     usage: JsonObject | None = None
 
     def apply(self, job: Job) -> Job:
@@ -339,6 +342,7 @@ class Progress:
             regions_tried=job.regions_tried + self.regions,
             region=self.served_by or job.region,
             tiers_tried=job.tiers_tried + self.tiers,
+            models_tried=job.models_tried + self.models,
             usage=self.usage or job.usage,
         )
 

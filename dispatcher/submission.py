@@ -58,6 +58,7 @@ class Submission:
         trace: The request's trace id, if any.
         tier: The tier asked for (a name, or None for the model's default).
         deadline: When the job must be done by, if the request says.
+        fallback: Whether the job may move to the model's fallbacks.
     """
 
     request: JsonObject
@@ -68,6 +69,7 @@ class Submission:
     trace: str | None = None
     tier: object = None
     deadline: datetime | None = None
+    fallback: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +139,7 @@ class Submitter:
             trace=submission.trace,
             tier=tier.value,
             deadline=submission.deadline,
+            fallback=submission.fallback,
         )
         try:
             await self._manager.store.create(job)

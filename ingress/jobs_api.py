@@ -14,6 +14,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from dispatcher.errors import InvalidRequest
 from dispatcher.http import HttpError, json_response, read_body
 from dispatcher.jobs import Job, JobStatus, is_job_id, rfc3339
 from dispatcher.logs import current_trace
@@ -96,8 +97,11 @@ async def accept_job(request: Request, *, model_override: str | None) -> Accepte
     if model_override is None:  # POST /generate: the dispatcher's own fields
         tier = body.pop("tier", None)
         deadline = parse_deadline(body.pop("deadline", None), runtime.manager.now())
+        fallback = body.pop("fallback", True)
+        if not isinstance(fallback, bool):
+            raise InvalidRequest("fallback: must be true or false", field="fallback")
     else:  # the Vertex-compatible route: Vertex's own two headers
-        tier, deadline = tier_from_headers(request.headers), None
+        tier, deadline, fallback = tier_from_headers(request.headers), None, True
     submitter: Submitter = request.app.state.submitter
     accepted = await submitter.submit(
         Submission(
@@ -110,6 +114,7 @@ async def accept_job(request: Request, *, model_override: str | None) -> Accepte
             trace=current_trace.get(),
             tier=tier,
             deadline=deadline,
+            fallback=fallback,
         )
     )
     if not accepted.replayed:
@@ -168,6 +173,7 @@ def job_view(job: Job) -> dict[str, Any]:
         "attempts": job.attempts,
         "tier": job.tier,
         "tiers_tried": list(job.tiers_tried),
+        "models_tried": list(job.models_tried),
         "created_at": rfc3339(job.created_at),
         "updated_at": rfc3339(job.updated_at),
     }
@@ -177,6 +183,12 @@ def job_view(job: Job) -> dict[str, Any]:
         view["usage"] = job.usage
     if job.status is JobStatus.SUCCEEDED:
         view["result"] = job.result
+        if job.models_tried and job.tiers_tried:
+            view["answered_by"] = {
+                "model": job.models_tried[-1],
+                "region": job.region,
+                "tier": job.tiers_tried[-1],
+            }
     elif job.status is JobStatus.FAILED and job.error is not None:
         view["error"] = job.error.to_doc()
     return view
