@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 from dispatcher import logs
 from dispatcher.errors import ConfigError
+from dispatcher.pricing import PriceTable
 from dispatcher.settings import Settings
 
 # The exit code of a refused configuration (as for a command-line usage error).
@@ -44,6 +45,8 @@ def run(
     try:
         if check is not None:
             check(settings)
+        if settings.price_table_file:
+            PriceTable.load(settings.price_table_file)  # refused here, not in the lifespan
         app = create_app(settings)
     except ConfigError as exc:
         refuse(service, exc)

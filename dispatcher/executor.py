@@ -22,7 +22,8 @@ from dispatcher.errors import CorruptRecord, InvalidRequest
 from dispatcher.jobs import Job, JobError, JsonObject
 from dispatcher.lifecycle import ClaimOutcome, JobManager, Progress
 from dispatcher.logs import job_context
-from dispatcher.metrics import JOBS, TOKENS
+from dispatcher.metrics import COST, JOBS, TOKENS
+from dispatcher.pricing import RATE_OF_TRAFFIC, PriceTable
 from dispatcher.regions import pinned_region
 from dispatcher.settings import ModelConfig, Tier
 from dispatcher.tiers import GLOBAL, LatencyBook, auto_tier, check_tier, lane_parts, regions_for
@@ -57,6 +58,7 @@ class JobExecutor:
         models: Mapping[str, ModelConfig],
         *,
         requeue_delay_s: float,
+        prices: PriceTable | None = None,
     ) -> None:
         self._manager = manager
         self._vertex = vertex
@@ -64,6 +66,7 @@ class JobExecutor:
         self._requeue_delay_s = requeue_delay_s
         self._active: set[asyncio.Task[Any]] = set()
         self._latency = LatencyBook()
+        self._prices = prices
 
     @property
     def running(self) -> int:
@@ -165,7 +168,7 @@ class JobExecutor:
             report.regions, models, usage=usage if isinstance(usage, dict) else None
         )
         if report.response is not None:
-            _count_tokens(job, progress)
+            _count_tokens(job, progress, self._prices)
             finished = await self._manager.succeed(
                 job.job_id, token, result=report.response, progress=progress
             )
@@ -366,10 +369,15 @@ def _progress(lanes: Sequence[str], models: Sequence[str], *, usage: JsonObject 
     )
 
 
-def _count_tokens(job: Job, progress: Progress) -> None:
+def _count_tokens(job: Job, progress: Progress, prices: PriceTable | None) -> None:
     usage = progress.usage or {}
+    model = progress.models[-1] if progress.models else job.model
+    cost = prices.cost_usd(model, usage) if prices is not None else None
+    if cost is not None:
+        rate = RATE_OF_TRAFFIC.get(str(usage.get("trafficType")), "unknown")
+        COST.labels(model, rate, job.owner or "").inc(cost)
     tier = progress.tiers[-1] if progress.tiers else job.tier
-    labels = (job.model, progress.served_by or job.region, tier)
+    labels = (model, progress.served_by or job.region, tier)
     traffic = str(usage.get("trafficType") or "UNSPECIFIED")
     for kind, field in _TOKEN_FIELDS:
         count = usage.get(field)

@@ -48,6 +48,13 @@ TOKENS = Counter(
     ["model", "region", "tier", "traffic_type", "caller", "kind"],
     registry=None,  # registered per runtime by `build_registry`
 )
+COST = Counter(
+    "dispatcher_cost_usd",
+    "What answered jobs cost by PRICE_TABLE_FILE, by model, billing rate (from trafficType) "
+    "and caller.",
+    ["model", "rate", "caller"],
+    registry=None,  # registered per runtime by `build_registry`
+)
 _BREAKER_VALUE = {Breaker.CLOSED: 0, Breaker.HALF_OPEN: 1, Breaker.OPEN: 2}
 
 
@@ -56,7 +63,7 @@ def build_registry(
 ) -> CollectorRegistry:
     """The registry one service serves: the process's counters and its live state."""
     registry = CollectorRegistry(auto_describe=True)
-    for collector in (JOBS, UPSTREAM_CALLS, UPSTREAM_LATENCY, STORE_OPERATIONS, TOKENS):
+    for collector in (JOBS, UPSTREAM_CALLS, UPSTREAM_LATENCY, STORE_OPERATIONS, TOKENS, COST):
         registry.register(collector)
     registry.register(LiveStateCollector(pool, queued=queued, running=running))
     return registry

@@ -19,6 +19,7 @@ from dispatcher.executor import JobExecutor
 from dispatcher.lifecycle import JobManager, Lifecycle
 from dispatcher.memory_store import MemoryJobStore
 from dispatcher.metrics import JOBS, build_registry
+from dispatcher.pricing import PriceTable
 from dispatcher.queue import InProcessQueue, JobQueue
 from dispatcher.region_board import RegionBoard
 from dispatcher.regions import PoolConfig, RegionPool, RoundRobin
@@ -123,6 +124,9 @@ async def open_runtime(settings: Settings, *, executes: bool) -> AsyncIterator[R
                 vertex,
                 settings.models,
                 requeue_delay_s=settings.requeue_delay_s,
+                prices=PriceTable.load(settings.price_table_file)
+                if settings.price_table_file
+                else None,
             )
         if settings.mode is Mode.PUBSUB:
             from dispatcher.pubsub import PubSubQueue

@@ -630,6 +630,14 @@ class Settings:
             "per-caller job isolation",
         ),
     )
+    price_table_file: str | None = field(
+        default=None,
+        metadata=_declare(
+            "PRICE_TABLE_FILE",
+            "JSON prices per model and rate (USD per million tokens), read at start-up; "
+            "turns on `dispatcher_cost_usd_total` (see Tiers)",
+        ),
+    )
     log_level: str = field(
         default="INFO",
         metadata=_declare("LOG_LEVEL", ", ".join(_LOG_LEVELS), _one_of(_LOG_LEVELS, upper=True)),
