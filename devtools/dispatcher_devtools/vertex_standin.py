@@ -13,8 +13,44 @@ small control API under ``/_standin/``. Replies are deterministic
 (``"stand-in reply from REGION: FIRST_USER_TEXT"``), so a test can tell which region
 served which job.
 
+Consumption tiers, as Vertex has them (the keys are optional; without them a region is
+one pay-as-you-go pool, as before):
+
+- ``provisioned_capacity`` (calls in flight the region's Provisioned Throughput holds;
+  null or 0: no PT there) and ``provisioned_latency_s`` (default: the region's
+  ``latency_s``). PT always answers 200; ``status`` and ``script`` belong to the
+  pay-as-you-go pool. The ``X-Vertex-AI-LLM-Request-Type`` header chooses: ``dedicated``
+  uses PT only (429 past it), ``shared`` skips PT, and without it PT is used while it has
+  room and the overage spills to pay-as-you-go.
+- ``flex`` and ``priority``, under ``regions.global`` only: each a nested pool with the
+  pay-as-you-go keys (``latency_s``, ``capacity``, ``rate_per_s``, ``status``, ``script``,
+  ``response_bytes``), serving ``X-Vertex-AI-LLM-Shared-Request-Type: flex`` (Flex PayGo)
+  or ``priority`` (Priority PayGo) once PT is used or skipped. Without its pool such a
+  call is served by ``global``'s own pay-as-you-go pool, still marked as flex or priority.
+  Flex or priority sent to any other location answers 400, as Vertex serves them on the
+  global endpoint only. Any other header value answers 400 too.
+
+For example::
+
+    {"regions": {
+        "us-central1": {"latency_s": 0.2, "provisioned_capacity": 4},
+        "global": {"latency_s": 0.2, "flex": {"capacity": 50, "latency_s": 2.0},
+                   "priority": {"capacity": 20}}}}
+
+Every 200 carries ``usageMetadata`` with ``promptTokenCount`` = ceil(characters of every
+text part of ``contents`` and ``systemInstruction`` / 4), at least 1,
+``candidatesTokenCount`` the same of the reply text, their sum as ``totalTokenCount``, and
+``trafficType``: ``PROVISIONED_THROUGHPUT``, ``ON_DEMAND``, ``ON_DEMAND_FLEX`` or
+``ON_DEMAND_PRIORITY``. The call log (``GET /_standin/calls``) records each call's two
+headers (null when absent) and its ``traffic_type`` (null unless it succeeded); the stats
+(``GET /_standin/stats``) count successes and tokens per traffic type, per region and in
+total.
+
 Shapes follow https://cloud.google.com/vertex-ai/generative-ai/docs/model-reference/inference
-and Google's error model (https://cloud.google.com/apis/design/errors).
+and Google's error model (https://cloud.google.com/apis/design/errors); the tiers follow
+https://cloud.google.com/vertex-ai/generative-ai/docs/use-provisioned-throughput,
+https://cloud.google.com/vertex-ai/generative-ai/docs/flex-paygo and
+https://cloud.google.com/vertex-ai/generative-ai/docs/priority-paygo.
 
 Run it with::
 
@@ -82,6 +118,32 @@ _MESSAGES: Final[Mapping[int, str]] = MappingProxyType(
 
 _JSON_HEADERS: Final = {"content-type": "application/json; charset=UTF-8"}
 
+GLOBAL_LOCATION: Final = "global"
+"""The one location that serves Flex and Priority PayGo."""
+REQUEST_TYPE_HEADER: Final = "X-Vertex-AI-LLM-Request-Type"
+"""``dedicated`` (Provisioned Throughput only) or ``shared`` (pay-as-you-go only)."""
+SHARED_REQUEST_TYPE_HEADER: Final = "X-Vertex-AI-LLM-Shared-Request-Type"
+"""``flex`` (Flex PayGo) or ``priority`` (Priority PayGo)."""
+DEDICATED: Final = "dedicated"
+SHARED: Final = "shared"
+FLEX: Final = "flex"
+PRIORITY: Final = "priority"
+
+# usageMetadata.trafficType values.
+PROVISIONED_THROUGHPUT: Final = "PROVISIONED_THROUGHPUT"
+ON_DEMAND: Final = "ON_DEMAND"
+ON_DEMAND_FLEX: Final = "ON_DEMAND_FLEX"
+ON_DEMAND_PRIORITY: Final = "ON_DEMAND_PRIORITY"
+
+_PAYGO_NAMES: Final[Mapping[str, str]] = MappingProxyType(
+    {FLEX: "Flex PayGo", PRIORITY: "Priority PayGo"}
+)
+# Vertex's message when PT is exceeded (the 429 table in
+# https://cloud.google.com/vertex-ai/generative-ai/docs/provisioned-throughput/error-code-429).
+_PT_EXHAUSTED: Final = "Too many requests. Exceeded the Provisioned Throughput."
+# The fields a flex or priority pool takes: those of the pay-as-you-go pool.
+_POOL_FIELDS: Final = ("latency_s", "capacity", "rate_per_s", "status", "script", "response_bytes")
+
 
 def _number(value: object, where: str) -> float:
     # bool is an int subclass; `true` as a latency is a mistake, not 1 second.
@@ -141,6 +203,28 @@ def _validated(name: str, value: object, where: str) -> Any:
         if size < 0:
             raise ConfigError(where, "must be >= 0")
         return size
+    if name == "provisioned_capacity":
+        if value is None:
+            return None
+        capacity = _integer(value, where)
+        if capacity < 0:
+            raise ConfigError(where, "must be >= 0 (0 or null: no Provisioned Throughput)")
+        return capacity
+    if name == "provisioned_latency_s":
+        if value is None:
+            return None
+        latency = _number(value, where)
+        if latency < 0:
+            raise ConfigError(where, "must be >= 0 or null (null: the region's latency_s)")
+        return latency
+    if name in _PAYGO_NAMES:
+        if value is None:
+            return None
+        if not isinstance(value, RegionBehaviour):
+            raise ConfigError(where, "must be a pool (a JSON object of pool fields) or null")
+        if value.has_tiers():
+            raise ConfigError(where, f"is a pool: it takes only {list(_POOL_FIELDS)}")
+        return value
     raise ConfigError(where, "is not a behaviour field")
 
 
@@ -161,6 +245,13 @@ class RegionBehaviour:
         status: The status of every call once the script is used up (200 or an error).
         script: Statuses for the next calls, in order, before ``status`` applies.
         response_bytes: Pad successful bodies with "x" to at least this many bytes.
+        provisioned_capacity: Calls in flight the region's Provisioned Throughput holds,
+            apart from the pay-as-you-go pool above (whose fields are the ones before);
+            PT answers 200. None or 0 means no PT in the region.
+        provisioned_latency_s: The latency of calls PT serves; None means ``latency_s``.
+        flex: The Flex PayGo pool (``global`` only): a behaviour with only the
+            pay-as-you-go fields. None means flex calls use the pay-as-you-go pool.
+        priority: The Priority PayGo pool, like ``flex``.
     """
 
     latency_s: float = 0.0
@@ -169,6 +260,10 @@ class RegionBehaviour:
     status: int = 200
     script: tuple[int, ...] = ()
     response_bytes: int = 0
+    provisioned_capacity: int | None = None
+    provisioned_latency_s: float | None = None
+    flex: RegionBehaviour | None = None
+    priority: RegionBehaviour | None = None
 
     def __post_init__(self) -> None:
         # Validate Python-built behaviours as strictly as JSON ones, and normalise
@@ -184,7 +279,8 @@ class RegionBehaviour:
         """Build a behaviour from its JSON form, merged over ``base``.
 
         Args:
-            doc: A JSON object whose keys are a subset of this class's fields.
+            doc: A JSON object whose keys are a subset of this class's fields;
+                ``flex`` and ``priority`` are nested objects of pool fields, or null.
             base: The behaviour whose fields are kept where ``doc`` is silent
                 (the class defaults when None).
             where: Where ``doc`` sits in the config, for error messages.
@@ -195,17 +291,47 @@ class RegionBehaviour:
         Raises:
             ConfigError: A key is unknown or a value has the wrong type or range.
         """
+        return cls._from_doc(doc, base, where, known={f.name for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def _from_doc(
+        cls, doc: object, base: RegionBehaviour | None, where: str, *, known: set[str]
+    ) -> RegionBehaviour:
         if not isinstance(doc, dict):
             raise ConfigError(where, "must be a JSON object")
-        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(doc) - known)
         if unknown:
             raise ConfigError(where, f"unknown field(s) {unknown}; known: {sorted(known)}")
-        changes = {name: _validated(name, value, f"{where}.{name}") for name, value in doc.items()}
+        changes = {}
+        for name, value in doc.items():
+            if name in _PAYGO_NAMES and value is not None:
+                # A nested pool merges over the base's pool, so PATCH {"flex": {...}} only
+                # changes the named fields of the flex pool.
+                value = cls._from_doc(
+                    value,
+                    getattr(base, name) if base else None,
+                    f"{where}.{name}",
+                    known=set(_POOL_FIELDS),
+                )
+            changes[name] = _validated(name, value, f"{where}.{name}")
         return dataclasses.replace(base or cls(), **changes)
+
+    def has_tiers(self) -> bool:
+        """Say whether this behaviour has PT, a flex or a priority pool of its own."""
+        tiers = (self.provisioned_capacity, self.provisioned_latency_s, self.flex, self.priority)
+        return tiers != (None, None, None, None)
 
     def to_doc(self) -> dict[str, Any]:
         """Return the JSON form accepted by `from_doc`."""
+        return {
+            **self._pool_doc(),
+            "provisioned_capacity": self.provisioned_capacity,
+            "provisioned_latency_s": self.provisioned_latency_s,
+            "flex": None if self.flex is None else self.flex._pool_doc(),
+            "priority": None if self.priority is None else self.priority._pool_doc(),
+        }
+
+    def _pool_doc(self) -> dict[str, Any]:
         return {
             "latency_s": self.latency_s,
             "capacity": self.capacity,
@@ -221,7 +347,7 @@ class StandinConfig:
     """Behaviour per region; ``default`` applies to every region not in ``regions``.
 
     A listed region's behaviour is complete on its own: it does not inherit from
-    ``default``.
+    ``default``. Only ``regions["global"]`` may have ``flex`` and ``priority`` pools.
     """
 
     default: RegionBehaviour = RegionBehaviour()
@@ -230,6 +356,18 @@ class StandinConfig:
     def __post_init__(self) -> None:
         # A read-only copy keeps the frozen config frozen even if the caller's dict changes.
         object.__setattr__(self, "regions", MappingProxyType(dict(self.regions)))
+        placed = [("default", self.default)]
+        placed += [
+            (f"regions.{name}", b) for name, b in self.regions.items() if name != GLOBAL_LOCATION
+        ]
+        for where, behaviour in placed:
+            for tier in _PAYGO_NAMES:
+                if getattr(behaviour, tier) is not None:
+                    raise ConfigError(
+                        f"{where}.{tier}",
+                        f"{_PAYGO_NAMES[tier]} is served on the global endpoint only: "
+                        f"set it under regions.{GLOBAL_LOCATION}",
+                    )
 
     def behaviour_for(self, region: str) -> RegionBehaviour:
         """Return the behaviour for ``region``, or the default one."""
@@ -290,33 +428,20 @@ class StandinConfig:
         }
 
 
-class _RegionState:
-    """What the stand-in tracks for one region: live counters and what is left of its script."""
+class _PoolState:
+    """One pool's live state: calls in flight, what is left of its script, its token bucket."""
 
-    __slots__ = (
-        "behaviour",
-        "by_status",
-        "calls",
-        "in_flight",
-        "last_refill",
-        "max_in_flight",
-        "script",
-        "tokens",
-    )
+    __slots__ = ("in_flight", "last_refill", "script", "tokens")
 
-    def __init__(self, behaviour: RegionBehaviour, now: float) -> None:
+    def __init__(self, behaviour: RegionBehaviour | None, now: float) -> None:
         self.in_flight = 0
-        self.calls = 0
-        self.by_status: collections.Counter[int] = collections.Counter()
-        self.max_in_flight = 0
-        self.behaviour = behaviour
-        self.restart(now)
+        self.restart(behaviour, now)
 
-    def restart(self, now: float) -> None:
+    def restart(self, behaviour: RegionBehaviour | None, now: float) -> None:
         """Start the script from its first status and refill the token bucket."""
-        self.script = collections.deque(self.behaviour.script)
+        self.script = collections.deque(behaviour.script if behaviour else ())
         # A full bucket, like a region that has been idle.
-        self.tokens = max(1.0, self.behaviour.rate_per_s or 0.0)
+        self.tokens = max(1.0, (behaviour.rate_per_s if behaviour else None) or 0.0)
         self.last_refill = now
 
     def take_token(self, rate: float, now: float) -> bool:
@@ -327,6 +452,72 @@ class _RegionState:
             self.tokens -= 1.0
             return True
         return False
+
+
+class _RegionState:
+    """What the stand-in tracks for one region: live counters and its pools' state."""
+
+    __slots__ = (
+        "behaviour",
+        "by_status",
+        "by_traffic_type",
+        "calls",
+        "candidates_tokens",
+        "flex",
+        "in_flight",
+        "max_in_flight",
+        "priority",
+        "prompt_tokens",
+        "provisioned",
+        "shared",
+    )
+
+    def __init__(self, behaviour: RegionBehaviour, now: float) -> None:
+        self.in_flight = 0  # in every pool of the region
+        self.calls = 0
+        self.by_status: collections.Counter[int] = collections.Counter()
+        # Successful calls and their tokens, per trafficType.
+        self.by_traffic_type: collections.Counter[str] = collections.Counter()
+        self.prompt_tokens: collections.Counter[str] = collections.Counter()
+        self.candidates_tokens: collections.Counter[str] = collections.Counter()
+        self.max_in_flight = 0
+        self.behaviour = behaviour
+        self.shared = _PoolState(behaviour, now)
+        self.provisioned = _PoolState(None, now)
+        self.flex = _PoolState(behaviour.flex, now)
+        self.priority = _PoolState(behaviour.priority, now)
+
+    def restart(self, now: float) -> None:
+        """Start every pool's script from its first status and refill its token bucket."""
+        self.shared.restart(self.behaviour, now)
+        self.flex.restart(self.behaviour.flex, now)
+        self.priority.restart(self.behaviour.priority, now)
+
+    def clear_counts(self) -> None:
+        """Forget the counts (not what is in flight)."""
+        self.calls = 0
+        self.by_status.clear()
+        self.by_traffic_type.clear()
+        self.prompt_tokens.clear()
+        self.candidates_tokens.clear()
+        self.max_in_flight = self.in_flight
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One generateContent call, as the bookkeeping needs it."""
+
+    region: str
+    state: _RegionState
+    arrived: float
+    text: str
+    request_type: str | None
+    shared_request_type: str | None
+
+
+# The call log's tuples: (t, region, status, text[:200], latency_s, request_type,
+# shared_request_type, traffic_type). Tuples, not dicts, to keep the hot path cheap.
+_LogEntry = tuple[float, str, int, str, float, str | None, str | None, str | None]
 
 
 class _Standin:
@@ -344,15 +535,12 @@ class _Standin:
         self.total_calls = 0
         self.authorization_headers = 0
         self.calls_by_text: collections.Counter[str] = collections.Counter()
-        # (t, region, status, text[:200], latency_s): tuples, not dicts, to keep the hot path cheap.
-        self.call_log: collections.deque[tuple[float, str, int, str, float]] = collections.deque(
-            maxlen=CALL_LOG_LIMIT
-        )
+        self.call_log: collections.deque[_LogEntry] = collections.deque(maxlen=CALL_LOG_LIMIT)
 
     # -- generateContent ---------------------------------------------------------------
 
     async def generate_content(self, request: Request) -> Response:
-        """Answer one generateContent call as the region's behaviour says."""
+        """Answer one generateContent call as the region's behaviour and the headers say."""
         arrived = time.monotonic()
         params = request.path_params
         model, _, action = str(params["model_action"]).rpartition(":")
@@ -365,53 +553,142 @@ class _Standin:
         state = self.regions.get(region)
         if state is None:
             state = self.regions[region] = _RegionState(self.config.behaviour_for(region), arrived)
-        if "authorization" in request.headers:
+        headers = request.headers
+        if "authorization" in headers:
             self.authorization_headers += 1
+        request_type = headers.get(REQUEST_TYPE_HEADER)
+        shared_request_type = headers.get(SHARED_REQUEST_TYPE_HEADER)
         try:
             text, prompt_chars = _read_prompt(body)
         except _BadRequest as exc:
-            self._record(state, region, arrived, 400, "")
+            self._record(_Call(region, state, arrived, "", request_type, shared_request_type), 400)
             return google_error(400, str(exc))
+        call = _Call(region, state, arrived, text, request_type, shared_request_type)
         self.calls_by_text[text] += 1
+        problem = _header_problem(region, request_type, shared_request_type)
+        if problem is not None:
+            self._record(call, 400)
+            return google_error(400, problem)
 
         behaviour = state.behaviour
-        if behaviour.capacity is not None and state.in_flight >= behaviour.capacity:
-            self._record(state, region, arrived, 429, text)
-            return google_error(429, f"{_MESSAGES[429]} (stand-in capacity {behaviour.capacity})")
-        if behaviour.rate_per_s is not None and not state.take_token(behaviour.rate_per_s, arrived):
-            self._record(state, region, arrived, 429, text)
-            return google_error(429, f"{_MESSAGES[429]} (stand-in rate {behaviour.rate_per_s}/s)")
+        provisioned = behaviour.provisioned_capacity or 0
+        if request_type != SHARED and state.provisioned.in_flight < provisioned:
+            latency_s = behaviour.provisioned_latency_s
+            return await self._serve(
+                request,
+                call,
+                state.provisioned,
+                status=200,
+                latency_s=behaviour.latency_s if latency_s is None else latency_s,
+                traffic_type=PROVISIONED_THROUGHPUT,
+                model=model,
+                prompt_chars=prompt_chars,
+                response_bytes=behaviour.response_bytes,
+            )
+        if request_type == DEDICATED:
+            self._record(call, 429)
+            return google_error(
+                429,
+                f"{_PT_EXHAUSTED} (stand-in: Provisioned Throughput exhausted in region "
+                f"{region}, provisioned_capacity {provisioned})",
+            )
 
-        status = state.script.popleft() if state.script else behaviour.status
+        # Pay-as-you-go: standard, or the flex or priority pool when the region has one.
+        traffic_type, pool_behaviour, pool, label = ON_DEMAND, behaviour, state.shared, ""
+        if shared_request_type == FLEX:
+            traffic_type = ON_DEMAND_FLEX
+            if behaviour.flex is not None:
+                pool_behaviour, pool, label = behaviour.flex, state.flex, "flex "
+        elif shared_request_type == PRIORITY:
+            traffic_type = ON_DEMAND_PRIORITY
+            if behaviour.priority is not None:
+                pool_behaviour, pool, label = behaviour.priority, state.priority, "priority "
+        capacity = pool_behaviour.capacity
+        if capacity is not None and pool.in_flight >= capacity:
+            self._record(call, 429)
+            return google_error(429, f"{_MESSAGES[429]} (stand-in {label}capacity {capacity})")
+        rate = pool_behaviour.rate_per_s
+        if rate is not None and not pool.take_token(rate, arrived):
+            self._record(call, 429)
+            return google_error(429, f"{_MESSAGES[429]} (stand-in {label}rate {rate}/s)")
+        return await self._serve(
+            request,
+            call,
+            pool,
+            status=pool.script.popleft() if pool.script else pool_behaviour.status,
+            latency_s=pool_behaviour.latency_s,
+            traffic_type=traffic_type,
+            model=model,
+            prompt_chars=prompt_chars,
+            response_bytes=pool_behaviour.response_bytes,
+        )
+
+    async def _serve(
+        self,
+        request: Request,
+        call: _Call,
+        pool: _PoolState,
+        *,
+        status: int,
+        latency_s: float,
+        traffic_type: str,
+        model: str,
+        prompt_chars: int,
+        response_bytes: int,
+    ) -> Response:
+        """Hold a slot in ``pool`` for the latency, then answer ``status``."""
+        state = call.state
         state.in_flight += 1
+        pool.in_flight += 1
         state.max_in_flight = max(state.max_in_flight, state.in_flight)
         try:
-            if behaviour.latency_s > 0 and not await _sleep_unless_disconnected(
-                request.receive, behaviour.latency_s
-            ):
-                self._record(state, region, arrived, CLIENT_CLOSED, text)
+            if latency_s > 0 and not await _sleep_unless_disconnected(request.receive, latency_s):
+                self._record(call, CLIENT_CLOSED)
                 return Response(status_code=CLIENT_CLOSED)  # nobody is listening
         finally:
             # Also runs when the task is cancelled (server shutdown), so the slot is freed.
             state.in_flight -= 1
+            pool.in_flight -= 1
 
-        self._record(state, region, arrived, status, text)
         if status != 200:
-            return google_error(status, f"{_MESSAGES[status]} (stand-in: region {region})")
-        reply = f"stand-in reply from {region}: {text}"
-        return Response(
-            _success_body(reply, model, prompt_chars, behaviour.response_bytes),
-            headers=_JSON_HEADERS,
+            self._record(call, status)
+            return google_error(status, f"{_MESSAGES[status]} (stand-in: region {call.region})")
+        reply = f"stand-in reply from {call.region}: {call.text}"
+        body, prompt_tokens, candidates_tokens = _success_body(
+            reply, model, prompt_chars, response_bytes, traffic_type
         )
+        self._record(call, 200, traffic_type, prompt_tokens, candidates_tokens)
+        return Response(body, headers=_JSON_HEADERS)
 
     def _record(
-        self, state: _RegionState, region: str, arrived: float, status: int, text: str
+        self,
+        call: _Call,
+        status: int,
+        traffic_type: str | None = None,
+        prompt_tokens: int = 0,
+        candidates_tokens: int = 0,
     ) -> None:
         now = time.monotonic()
         self.total_calls += 1
+        state = call.state
         state.calls += 1
         state.by_status[status] += 1
-        self.call_log.append((arrived - self.started, region, status, text[:200], now - arrived))
+        if traffic_type is not None:
+            state.by_traffic_type[traffic_type] += 1
+            state.prompt_tokens[traffic_type] += prompt_tokens
+            state.candidates_tokens[traffic_type] += candidates_tokens
+        self.call_log.append(
+            (
+                call.arrived - self.started,
+                call.region,
+                status,
+                call.text[:200],
+                now - call.arrived,
+                call.request_type,
+                call.shared_request_type,
+                traffic_type,
+            )
+        )
 
     # -- control API -------------------------------------------------------------------
 
@@ -433,25 +710,33 @@ class _Standin:
         return _json(config.to_doc())
 
     async def patch_region(self, request: Request) -> Response:
-        """Merge fields into one region's behaviour; a new ``script`` restarts its script."""
+        """Merge fields into one region's behaviour; a new ``script`` restarts its script.
+
+        ``flex`` and ``priority`` merge into the region's pool the same way.
+        """
         region = str(request.path_params["region"])
         try:
             doc = await _json_body(request)
             behaviour = RegionBehaviour.from_doc(
                 doc, base=self.config.behaviour_for(region), where=f"regions.{region}"
             )
+            config = self.config.with_region(region, behaviour)
         except (ConfigError, _BadRequest) as exc:
             return google_error(400, str(exc))
-        self.config = self.config.with_region(region, behaviour)
+        self.config = config
         state = self.regions.get(region)
         if state is not None:
-            state.behaviour = behaviour
-            if "script" in doc or "rate_per_s" in doc:
-                # Restart only what was changed: a latency tweak mid-script keeps the script.
-                remaining = state.script
-                state.restart(time.monotonic())
-                if "script" not in doc:
-                    state.script = remaining
+            now = time.monotonic()
+            previous, state.behaviour = state.behaviour, behaviour
+            _restart_changed(state.shared, behaviour, doc, now)
+            for tier in _PAYGO_NAMES:
+                if tier not in doc:
+                    continue
+                pool, pool_behaviour = getattr(state, tier), getattr(behaviour, tier)
+                if doc[tier] is None or getattr(previous, tier) is None:
+                    pool.restart(pool_behaviour, now)  # a new pool starts afresh
+                else:
+                    _restart_changed(pool, pool_behaviour, doc[tier], now)
         return _json(behaviour.to_doc())
 
     async def reset(self, request: Request) -> Response:
@@ -465,14 +750,20 @@ class _Standin:
         # when they finish); the others are forgotten.
         self.regions = {r: s for r, s in self.regions.items() if s.in_flight}
         for state in self.regions.values():
-            state.calls = 0
-            state.by_status.clear()
-            state.max_in_flight = state.in_flight
+            state.clear_counts()
         self._apply_config(self.startup_config)
         return _json(self.config.to_doc())
 
     async def stats(self, request: Request) -> Response:
-        """Return call counts per region and status, and per first user text."""
+        """Return call counts (per region, status, traffic type and first text) and tokens.
+
+        Token totals are per traffic type, per region and over all regions.
+        """
+        prompt_tokens: collections.Counter[str] = collections.Counter()
+        candidates_tokens: collections.Counter[str] = collections.Counter()
+        for state in self.regions.values():
+            prompt_tokens.update(state.prompt_tokens)
+            candidates_tokens.update(state.candidates_tokens)
         return _json(
             {
                 "total_calls": self.total_calls,
@@ -480,11 +771,14 @@ class _Standin:
                     region: {
                         "calls": state.calls,
                         "by_status": {str(s): n for s, n in sorted(state.by_status.items())},
+                        "by_traffic_type": dict(sorted(state.by_traffic_type.items())),
+                        "tokens": _tokens_doc(state.prompt_tokens, state.candidates_tokens),
                         "max_in_flight": state.max_in_flight,
                         "in_flight": state.in_flight,
                     }
                     for region, state in sorted(self.regions.items())
                 },
+                "tokens": _tokens_doc(prompt_tokens, candidates_tokens),
                 "calls_by_text": dict(self.calls_by_text),
                 "authorization_headers": self.authorization_headers,
             }
@@ -494,8 +788,26 @@ class _Standin:
         """Return the call log, oldest first (the last `CALL_LOG_LIMIT` calls)."""
         return _json(
             [
-                {"t": t, "region": region, "status": status, "text": text, "latency_s": latency}
-                for t, region, status, text, latency in self.call_log
+                {
+                    "t": t,
+                    "region": region,
+                    "status": status,
+                    "text": text,
+                    "latency_s": latency,
+                    "request_type": request_type,
+                    "shared_request_type": shared_request_type,
+                    "traffic_type": traffic_type,
+                }
+                for (
+                    t,
+                    region,
+                    status,
+                    text,
+                    latency,
+                    request_type,
+                    shared_request_type,
+                    traffic_type,
+                ) in self.call_log
             ]
         )
 
@@ -507,12 +819,64 @@ class _Standin:
             state.restart(now)
 
 
+def _restart_changed(
+    pool: _PoolState, behaviour: RegionBehaviour | None, doc: Mapping[str, object], now: float
+) -> None:
+    """Restart only what a PATCH ``doc`` changed: a latency tweak mid-script keeps the script."""
+    if "script" in doc or "rate_per_s" in doc:
+        remaining = pool.script
+        pool.restart(behaviour, now)
+        if "script" not in doc:
+            pool.script = remaining
+
+
+def _tokens_doc(
+    prompt_tokens: Mapping[str, int], candidates_tokens: Mapping[str, int]
+) -> dict[str, dict[str, int]]:
+    """Return ``{TRAFFIC_TYPE: {"prompt": n, "candidates": n, "total": n}}``."""
+    return {
+        traffic_type: {
+            "prompt": prompt,
+            "candidates": candidates_tokens[traffic_type],
+            "total": prompt + candidates_tokens[traffic_type],
+        }
+        for traffic_type, prompt in sorted(prompt_tokens.items())
+    }
+
+
+def _header_problem(
+    region: str, request_type: str | None, shared_request_type: str | None
+) -> str | None:
+    """Return why Vertex would refuse these request-type headers, or None if it would not."""
+    if request_type not in (None, DEDICATED, SHARED):
+        return (
+            f"Invalid value {request_type!r} for header {REQUEST_TYPE_HEADER}: "
+            f"expected {DEDICATED!r} or {SHARED!r}."
+        )
+    if shared_request_type is None:
+        return None
+    if shared_request_type not in _PAYGO_NAMES:
+        return (
+            f"Invalid value {shared_request_type!r} for header {SHARED_REQUEST_TYPE_HEADER}: "
+            f"expected {FLEX!r} or {PRIORITY!r}."
+        )
+    if region != GLOBAL_LOCATION:
+        return (
+            f"{_PAYGO_NAMES[shared_request_type]} ({SHARED_REQUEST_TYPE_HEADER}: "
+            f"{shared_request_type}) is only served on the global endpoint (location "
+            f"{GLOBAL_LOCATION}, host aiplatform.googleapis.com), not in location {region}."
+        )
+    return None
+
+
 class _BadRequest(Exception):
     """The request body is not what the endpoint accepts."""
 
 
 def _read_prompt(body: bytes) -> tuple[str, int]:
     """Return the first user text and the number of text characters in the request.
+
+    The characters are those of every text part of ``contents`` and ``systemInstruction``.
 
     Raises:
         _BadRequest: With a message like Vertex's for the same mistake.
@@ -545,16 +909,29 @@ def _read_prompt(body: bytes) -> tuple[str, int]:
                 chars += len(text)
                 if is_user and first_user_text is None:
                     first_user_text = text
+    system = doc.get("systemInstruction")
+    system_parts = system.get("parts") if isinstance(system, dict) else None
+    for part in system_parts if isinstance(system_parts, list) else ():
+        text = part.get("text") if isinstance(part, dict) else None
+        if isinstance(text, str):
+            chars += len(text)
     return first_user_text or "", chars
 
 
 def _tokens(chars: int) -> int:
-    # About four characters per token, as Google's own rule of thumb; only the shape matters.
-    return max(1, chars // 4)
+    # About four characters per token, as Google's own rule of thumb: ceil(chars / 4), at
+    # least 1, so that tests can predict the counts.
+    return max(1, (chars + 3) // 4)
 
 
-def _success_body(reply: str, model: str, prompt_chars: int, response_bytes: int) -> bytes:
-    """Render a Vertex-shaped success body, padding ``reply`` to ``response_bytes`` if set."""
+def _success_body(
+    reply: str, model: str, prompt_chars: int, response_bytes: int, traffic_type: str
+) -> tuple[bytes, int, int]:
+    """Render a Vertex-shaped success body, padding ``reply`` to ``response_bytes`` if set.
+
+    Returns:
+        The body, its ``promptTokenCount`` and its ``candidatesTokenCount``.
+    """
     create_time = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
     response_id = secrets.token_urlsafe(18)
     prompt_tokens = _tokens(prompt_chars)
@@ -573,6 +950,10 @@ def _success_body(reply: str, model: str, prompt_chars: int, response_bytes: int
                     "promptTokenCount": prompt_tokens,
                     "candidatesTokenCount": reply_tokens,
                     "totalTokenCount": prompt_tokens + reply_tokens,
+                    # The stand-in caches nothing and does not think, so
+                    # cachedContentTokenCount and thoughtsTokenCount (sent when non-zero)
+                    # never appear.
+                    "trafficType": traffic_type,
                 },
                 "modelVersion": model,
                 "createTime": create_time,
@@ -583,7 +964,7 @@ def _success_body(reply: str, model: str, prompt_chars: int, response_bytes: int
         ).encode()
         missing = response_bytes - len(body)
         if missing <= 0:
-            return body
+            return body, prompt_tokens, reply_tokens
         # "x" needs no escaping, so each one adds one byte; the token counts may grow by a
         # digit, which the next round covers.
         reply += "x" * missing

@@ -14,6 +14,8 @@ import httpx
 import pytest
 from dispatcher_devtools.vertex_standin import (
     GOOGLE_STATUS,
+    REQUEST_TYPE_HEADER,
+    SHARED_REQUEST_TYPE_HEADER,
     RegionBehaviour,
     StandinConfig,
     create_app,
@@ -26,6 +28,16 @@ from dispatcher.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL = "gemini-2.0-flash-001"
+CALL_LOG_KEYS = {
+    "t",
+    "region",
+    "status",
+    "text",
+    "latency_s",
+    "request_type",
+    "shared_request_type",
+    "traffic_type",
+}
 
 ClientFactory = Callable[..., httpx.AsyncClient]
 
@@ -120,7 +132,13 @@ async def test_success_has_vertex_shape(standin: ClientFactory) -> None:
         }
     ]
     usage = body["usageMetadata"]
-    assert set(usage) == {"promptTokenCount", "candidatesTokenCount", "totalTokenCount"}
+    assert set(usage) == {
+        "promptTokenCount",
+        "candidatesTokenCount",
+        "totalTokenCount",
+        "trafficType",
+    }
+    assert usage["trafficType"] == "ON_DEMAND"
     assert usage["promptTokenCount"] > 0
     assert usage["candidatesTokenCount"] > 0
     assert usage["totalTokenCount"] == usage["promptTokenCount"] + usage["candidatesTokenCount"]
@@ -345,6 +363,205 @@ async def test_response_bytes_pads_body(standin: ClientFactory) -> None:
     assert usage["totalTokenCount"] == usage["promptTokenCount"] + usage["candidatesTokenCount"]
 
 
+# -- consumption tiers -------------------------------------------------------------------
+
+HOLD_S = 0.3
+"""The latency of calls a test keeps in flight while it sends another."""
+
+
+def _tier_headers(request_type: str | None = None, shared: str | None = None) -> dict[str, str]:
+    headers = {REQUEST_TYPE_HEADER: request_type, SHARED_REQUEST_TYPE_HEADER: shared}
+    return {name: value for name, value in headers.items() if value is not None}
+
+
+def _traffic_type(response: httpx.Response) -> str:
+    assert response.status_code == 200, response.text
+    traffic_type: str = response.json()["usageMetadata"]["trafficType"]
+    return traffic_type
+
+
+async def _hold(
+    client: httpx.AsyncClient, region: str, count: int, **headers: str
+) -> list[asyncio.Task[httpx.Response]]:
+    """Start `count` calls and return once they are all in flight."""
+    if not count:
+        return []
+    held = [
+        asyncio.create_task(_generate(client, region, f"held-{i}", **headers)) for i in range(count)
+    ]
+    await _wait_for_in_flight(client, region, count)
+    return held
+
+
+@pytest.mark.parametrize(("provisioned", "held"), [(None, 0), (0, 0), (1, 1), (2, 2)])
+async def test_dedicated_past_provisioned_throughput_is_429(
+    standin: ClientFactory, provisioned: int | None, held: int
+) -> None:
+    """A dedicated call past the region's PT (or where it has none) gets 429 naming PT."""
+    region = RegionBehaviour(provisioned_capacity=provisioned, provisioned_latency_s=HOLD_S)
+    client = standin(StandinConfig(regions={"us-central1": region}))
+    dedicated = _tier_headers("dedicated")
+    holding = await _hold(client, "us-central1", held, **dedicated)
+
+    refused = await _generate(client, **dedicated)
+
+    assert "Provisioned Throughput" in _assert_google_error(refused, 429, "RESOURCE_EXHAUSTED")
+    assert [_traffic_type(await call) for call in holding] == ["PROVISIONED_THROUGHPUT"] * held
+
+
+async def test_no_request_type_spills_from_provisioned_to_shared(standin: ClientFactory) -> None:
+    """Without a request-type header, a call PT has no room for is served pay-as-you-go."""
+    region = RegionBehaviour(provisioned_capacity=1, provisioned_latency_s=HOLD_S)
+    client = standin(StandinConfig(regions={"us-central1": region}))
+    [on_provisioned] = await _hold(client, "us-central1", 1)
+
+    spilled = await _generate(client)
+
+    assert _traffic_type(spilled) == "ON_DEMAND"
+    assert _traffic_type(await on_provisioned) == "PROVISIONED_THROUGHPUT"
+
+
+async def test_shared_skips_provisioned_throughput(standin: ClientFactory) -> None:
+    """A shared call gets the pay-as-you-go pool's answer even while PT has room."""
+    region = RegionBehaviour(provisioned_capacity=5, status=503)
+    client = standin(StandinConfig(regions={"us-central1": region}))
+
+    shared = await _generate(client, **_tier_headers("shared"))
+
+    _assert_google_error(shared, 503, "UNAVAILABLE")
+    assert _traffic_type(await _generate(client)) == "PROVISIONED_THROUGHPUT"
+
+
+@pytest.mark.parametrize("tier", ["flex", "priority"])
+@pytest.mark.parametrize("request_type", [None, "shared", "dedicated"])
+@pytest.mark.parametrize("location", ["us-central1", "europe-west4"])
+async def test_flex_or_priority_on_a_regional_location_is_400(
+    standin: ClientFactory, tier: str, request_type: str | None, location: str
+) -> None:
+    """Flex or priority sent to a regional location gets 400 saying only global serves it."""
+    client = standin(StandinConfig(default=RegionBehaviour(provisioned_capacity=5)))
+
+    response = await _generate(client, location, **_tier_headers(request_type, tier))
+
+    message = _assert_google_error(response, 400, "INVALID_ARGUMENT")
+    assert "only served on the global endpoint" in message
+    assert location in message
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [
+        (REQUEST_TYPE_HEADER, "Dedicated"),
+        (REQUEST_TYPE_HEADER, ""),
+        (SHARED_REQUEST_TYPE_HEADER, "standard"),
+        (SHARED_REQUEST_TYPE_HEADER, "FLEX"),
+    ],
+)
+async def test_unknown_request_type_is_400(standin: ClientFactory, header: str, value: str) -> None:
+    """A request-type header with a value Vertex does not define gets 400 naming the header."""
+    response = await _generate(standin(), "global", **{header: value})
+
+    assert header in _assert_google_error(response, 400, "INVALID_ARGUMENT")
+
+
+@pytest.mark.parametrize("tier", ["flex", "priority"])
+async def test_flex_and_priority_pools_refuse_past_their_capacity(
+    standin: ClientFactory, tier: str
+) -> None:
+    """On global, a flex or priority call past its own pool's capacity gets 429 at once."""
+    pools = {tier: {"capacity": 1, "latency_s": HOLD_S}}
+    client = standin(StandinConfig.from_doc({"regions": {"global": pools}}))
+    [held] = await _hold(client, "global", 1, **_tier_headers(shared=tier))
+
+    refused = await _generate(client, "global", **_tier_headers(shared=tier))
+
+    message = _assert_google_error(refused, 429, "RESOURCE_EXHAUSTED")
+    assert f"stand-in {tier} capacity 1" in message
+    assert _traffic_type(await _generate(client, "global")) == "ON_DEMAND"
+    assert _traffic_type(await held) == f"ON_DEMAND_{tier.upper()}"
+
+
+@pytest.mark.parametrize("tier", ["flex", "priority"])
+async def test_flex_and_priority_without_a_pool_use_globals_own(
+    standin: ClientFactory, tier: str
+) -> None:
+    """On global without a flex or priority pool, such a call gets global's own pool's answer."""
+    client = standin(StandinConfig(regions={"global": RegionBehaviour(script=(503,))}))
+
+    first, second = [await _generate(client, "global", **_tier_headers(shared=tier)) for _ in "12"]
+
+    _assert_google_error(first, 503, "UNAVAILABLE")
+    assert second.status_code == 200
+
+
+_PT: dict[str, Any] = {"provisioned_capacity": 1}
+_POOLS: dict[str, Any] = {"flex": {}, "priority": {}}
+
+
+@pytest.mark.parametrize(
+    ("location", "region", "headers", "expected"),
+    [
+        ("us-central1", _PT, {}, "PROVISIONED_THROUGHPUT"),
+        ("us-central1", _PT, _tier_headers("dedicated"), "PROVISIONED_THROUGHPUT"),
+        ("us-central1", _PT, _tier_headers("shared"), "ON_DEMAND"),
+        ("us-central1", {}, {}, "ON_DEMAND"),
+        ("us-central1", {"provisioned_capacity": 0}, {}, "ON_DEMAND"),
+        ("global", _POOLS, _tier_headers(shared="flex"), "ON_DEMAND_FLEX"),
+        ("global", {}, _tier_headers(shared="flex"), "ON_DEMAND_FLEX"),
+        ("global", _POOLS, _tier_headers(shared="priority"), "ON_DEMAND_PRIORITY"),
+        ("global", {}, _tier_headers(shared="priority"), "ON_DEMAND_PRIORITY"),
+        ("global", {**_PT, **_POOLS}, _tier_headers(shared="flex"), "PROVISIONED_THROUGHPUT"),
+        ("global", {**_PT, **_POOLS}, _tier_headers("shared", "flex"), "ON_DEMAND_FLEX"),
+        ("global", {**_PT, **_POOLS}, _tier_headers("dedicated", "flex"), "PROVISIONED_THROUGHPUT"),
+    ],
+)
+async def test_traffic_type_says_what_served_the_call(
+    standin: ClientFactory,
+    location: str,
+    region: dict[str, Any],
+    headers: dict[str, str],
+    expected: str,
+) -> None:
+    """usageMetadata.trafficType names the tier that served the call, as Vertex's does."""
+    client = standin(StandinConfig.from_doc({"regions": {location: region}}))
+
+    assert _traffic_type(await _generate(client, location, **headers)) == expected
+
+
+@pytest.mark.parametrize(
+    ("request_doc", "prompt_tokens", "candidates_tokens"),
+    [
+        # The reply is "stand-in reply from us-central1: " (33 characters) + the first user text.
+        (_request("abcd"), 1, 10),
+        (_request("abcde"), 2, 10),
+        (_request(""), 1, 9),
+        (
+            {
+                "systemInstruction": {"parts": [{"text": "12345678"}]},
+                "contents": [
+                    {"role": "user", "parts": [{"text": "abc"}, {"text": "de"}]},
+                    {"role": "model", "parts": [{"text": "fgh"}]},
+                ],
+            },
+            4,
+            9,
+        ),
+    ],
+)
+async def test_token_counts_follow_the_text(
+    standin: ClientFactory, request_doc: dict[str, Any], prompt_tokens: int, candidates_tokens: int
+) -> None:
+    """Token counts are ceil(characters / 4), at least 1: all prompt text parts, then the reply."""
+    response = await standin().post(_path(), json=request_doc)
+
+    assert response.json()["usageMetadata"] == {
+        "promptTokenCount": prompt_tokens,
+        "candidatesTokenCount": candidates_tokens,
+        "totalTokenCount": prompt_tokens + candidates_tokens,
+        "trafficType": "ON_DEMAND",
+    }
+
+
 # -- stats and call log ------------------------------------------------------------------
 
 
@@ -361,16 +578,22 @@ async def test_stats_count_calls_by_region_status_text_and_auth(standin: ClientF
             "europe-west4": {
                 "calls": 1,
                 "by_status": {"503": 1},
+                "by_traffic_type": {},
+                "tokens": {},
                 "max_in_flight": 1,
                 "in_flight": 0,
             },
             "us-central1": {
                 "calls": 2,
                 "by_status": {"200": 2},
+                "by_traffic_type": {"ON_DEMAND": 2},
+                # Each: prompt "a"/"b" is 1 token; "stand-in reply from us-central1: a" 9.
+                "tokens": {"ON_DEMAND": {"prompt": 2, "candidates": 18, "total": 20}},
                 "max_in_flight": 1,
                 "in_flight": 0,
             },
         },
+        "tokens": {"ON_DEMAND": {"prompt": 2, "candidates": 18, "total": 20}},
         "calls_by_text": {"a": 2, "b": 1},
         "authorization_headers": 2,
     }
@@ -388,9 +611,76 @@ async def test_call_log_records_each_call_in_order(standin: ClientFactory) -> No
         ("us-central1", 200, "first"),
         ("europe-west4", 429, ("second " + "y" * 300)[:200]),
     ]
-    assert all(set(c) == {"t", "region", "status", "text", "latency_s"} for c in calls)
+    assert all(set(c) == CALL_LOG_KEYS for c in calls)
     assert 0 <= calls[0]["t"] <= calls[1]["t"]
     assert all(c["latency_s"] >= 0 for c in calls)
+
+
+async def test_stats_count_tokens_by_traffic_type(standin: ClientFactory) -> None:
+    """Stats total each traffic type's successes and tokens, per region and overall, as sent."""
+    client = standin(
+        StandinConfig.from_doc(
+            {"regions": {"us-central1": {"provisioned_capacity": 5}, "global": {"flex": {}}}}
+        )
+    )
+    calls = [
+        ("us-central1", "on pt", {}),
+        ("us-central1", "paid as you go", _tier_headers("shared")),
+        ("global", "cheap", _tier_headers(shared="flex")),
+        ("global", "cheaper still", _tier_headers(shared="flex")),
+    ]
+    expected: dict[str, dict[str, dict[str, int]]] = {}
+    for location, text, headers in calls:
+        usage = (await _generate(client, location, text, **headers)).json()["usageMetadata"]
+        totals = expected.setdefault(location, {}).setdefault(
+            usage["trafficType"], {"prompt": 0, "candidates": 0, "total": 0}
+        )
+        totals["prompt"] += usage["promptTokenCount"]
+        totals["candidates"] += usage["candidatesTokenCount"]
+        totals["total"] += usage["totalTokenCount"]
+
+    stats = await _stats(client)
+
+    assert {name: region["tokens"] for name, region in stats["regions"].items()} == expected
+    assert {name: region["by_traffic_type"] for name, region in stats["regions"].items()} == {
+        "global": {"ON_DEMAND_FLEX": 2},
+        "us-central1": {"ON_DEMAND": 1, "PROVISIONED_THROUGHPUT": 1},
+    }
+    assert stats["tokens"] == {**expected["us-central1"], **expected["global"]}
+
+
+@pytest.mark.parametrize(
+    ("location", "request_type", "shared", "status", "traffic_type"),
+    [
+        ("us-central1", None, None, 200, "ON_DEMAND"),
+        ("us-central1", "dedicated", None, 429, None),
+        ("us-central1", "shared", None, 200, "ON_DEMAND"),
+        ("us-central1", "shared", "flex", 400, None),
+        ("us-central1", "sideways", None, 400, None),
+        ("global", None, "flex", 200, "ON_DEMAND_FLEX"),
+        ("global", "shared", "priority", 200, "ON_DEMAND_PRIORITY"),
+    ],
+)
+async def test_call_log_records_request_type_headers(
+    standin: ClientFactory,
+    location: str,
+    request_type: str | None,
+    shared: str | None,
+    status: int,
+    traffic_type: str | None,
+) -> None:
+    """The call log has each call's two request-type headers as sent and its trafficType."""
+    client = standin()
+    await _generate(client, location, "logged", **_tier_headers(request_type, shared))
+
+    [call] = (await client.get("/_standin/calls")).json()
+
+    assert {k: call[k] for k in ("status", "request_type", "shared_request_type")} == {
+        "status": status,
+        "request_type": request_type,
+        "shared_request_type": shared,
+    }
+    assert call["traffic_type"] == traffic_type
 
 
 # -- control API -------------------------------------------------------------------------
@@ -439,6 +729,7 @@ async def test_reset_restores_startup_config_and_clears_stats(standin: ClientFac
     assert await _stats(client) == {
         "total_calls": 0,
         "regions": {},
+        "tokens": {},
         "calls_by_text": {},
         "authorization_headers": 0,
     }
@@ -455,6 +746,13 @@ async def test_reset_restores_startup_config_and_clears_stats(standin: ClientFac
         ("PUT", "/_standin/config", b'{"regions": {"eu": {"status": 418}}}', "regions.eu.status"),
         ("PATCH", "/_standin/regions/eu", b'{"capacity": -1}', "regions.eu.capacity"),
         ("PATCH", "/_standin/regions/eu", b'{"latency": 1}', "latency"),
+        ("PATCH", "/_standin/regions/eu", b'{"flex": {}}', "regions.eu.flex"),
+        (
+            "PUT",
+            "/_standin/config",
+            b'{"regions": {"global": {"flex": {"provisioned_capacity": 1}}}}',
+            "regions.global.flex",
+        ),
     ],
 )
 async def test_bad_control_body_is_rejected(
@@ -483,7 +781,15 @@ def test_config_round_trips_through_json() -> None:
     """A config's JSON form parses back to an equal config."""
     config = StandinConfig(
         default=RegionBehaviour(latency_s=0.05, capacity=10),
-        regions={"europe-west4": RegionBehaviour(status=503, script=(429,), rate_per_s=2.5)},
+        regions={
+            "europe-west4": RegionBehaviour(status=503, script=(429,), rate_per_s=2.5),
+            "global": RegionBehaviour(
+                provisioned_capacity=4,
+                provisioned_latency_s=0.01,
+                flex=RegionBehaviour(latency_s=2.0, capacity=50),
+                priority=RegionBehaviour(script=(503,)),
+            ),
+        },
     )
 
     assert StandinConfig.from_json(json.dumps(config.to_doc())) == config
@@ -507,12 +813,51 @@ def test_listed_region_does_not_inherit_default() -> None:
         ({"latency_s": -1.0}, "behaviour.latency_s"),
         ({"rate_per_s": 0.0}, "behaviour.rate_per_s"),
         ({"response_bytes": -5}, "behaviour.response_bytes"),
+        ({"provisioned_capacity": -1}, "behaviour.provisioned_capacity"),
+        ({"provisioned_latency_s": -0.5}, "behaviour.provisioned_latency_s"),
+        ({"flex": {"capacity": 1}}, "behaviour.flex"),
+        ({"priority": RegionBehaviour(provisioned_capacity=1)}, "behaviour.priority"),
     ],
 )
 def test_behaviour_rejects_bad_values(fields: dict[str, Any], named: str) -> None:
     """Building a behaviour with an out-of-range value raises ConfigError naming the field."""
     with pytest.raises(ConfigError, match=named.replace("[", r"\[").replace("]", r"\]")):
         RegionBehaviour(**fields)
+
+
+@pytest.mark.parametrize(
+    ("doc", "named"),
+    [
+        ({"default": {"flex": {}}}, "default.flex"),
+        (
+            {"regions": {"us-central1": {"priority": {"capacity": 1}}}},
+            "regions.us-central1.priority",
+        ),
+    ],
+)
+def test_flex_and_priority_pools_only_on_global(doc: dict[str, Any], named: str) -> None:
+    """A flex or priority pool anywhere but regions.global is refused, naming where it is."""
+    with pytest.raises(ConfigError, match=f"{named}.*global endpoint only"):
+        StandinConfig.from_doc(doc)
+
+
+async def test_patch_merges_into_a_pool(standin: ClientFactory) -> None:
+    """PATCH of a flex pool changes only its named fields."""
+    client = standin(
+        StandinConfig.from_doc({"regions": {"global": {"flex": {"latency_s": 2.0, "capacity": 1}}}})
+    )
+
+    patched = await client.patch("/_standin/regions/global", json={"flex": {"capacity": 2}})
+
+    assert patched.status_code == 200
+    assert patched.json()["flex"] == {
+        "latency_s": 2.0,
+        "capacity": 2,
+        "rate_per_s": None,
+        "status": 200,
+        "script": [],
+        "response_bytes": 0,
+    }
 
 
 def test_cli_rejects_bad_config(capsys: pytest.CaptureFixture[str]) -> None:
