@@ -8,13 +8,13 @@ than `max_jobs` or once their `expire_at` has passed.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from dispatcher.errors import JobExists
-from dispatcher.jobs import Job
-from dispatcher.store import Change
+from dispatcher.jobs import Job, JobStatus
+from dispatcher.store import Change, JobQuery
 
 
 def _utc_now() -> datetime:
@@ -79,6 +79,26 @@ class MemoryJobStore:
         due.sort(key=lambda job: job.sweep_at or now)
         return due[:limit]
 
+    async def list_jobs(self, query: JobQuery) -> list[Job]:
+        """The jobs the query selects, newest first (a scan: the store is bounded)."""
+        selected = sorted(
+            (job for job in self._jobs.values() if _selected(job, query)),
+            key=_newest_first,
+            reverse=True,
+        )
+        return selected[: query.limit]
+
+    async def count_by_status(
+        self, owner: str | None, since: datetime | None
+    ) -> dict[JobStatus, int]:
+        """How many of the owner's jobs are in each state."""
+        counts = Counter(
+            job.status
+            for job in self._jobs.values()
+            if job.owner == owner and (since is None or job.created_at >= since)
+        )
+        return {status: counts.get(status, 0) for status in JobStatus}
+
     async def close(self) -> None:
         """Nothing to release."""
 
@@ -93,3 +113,16 @@ class MemoryJobStore:
     def _forget(self, job_id: str) -> None:
         self._jobs.pop(job_id, None)
         self._finished.pop(job_id, None)
+
+
+def _newest_first(job: Job) -> tuple[datetime, str]:
+    return job.created_at, job.job_id
+
+
+def _selected(job: Job, query: JobQuery) -> bool:
+    return (
+        job.owner == query.owner
+        and (query.status is None or job.status is query.status)
+        and (query.since is None or job.created_at >= query.since)
+        and (query.after is None or _newest_first(job) < query.after)
+    )

@@ -10,13 +10,33 @@ same rules, tested once.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from dispatcher.jobs import Job
+from dispatcher.jobs import Job, JobStatus
 
 Change = Callable[[Job], Job | None]
 """A pure function from the current record to its successor, or None to leave it."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class JobQuery:
+    """Which of one caller's jobs to list, newest first (`created_at`, then `job_id`).
+
+    Attributes:
+        owner: The caller (None: the jobs made with API keys off).
+        status: Only jobs in this state.
+        since: Only jobs created at or after this time.
+        after: The (created_at, job_id) of the previous page's last job.
+        limit: At most this many jobs.
+    """
+
+    owner: str | None
+    status: JobStatus | None = None
+    since: datetime | None = None
+    after: tuple[datetime, str] | None = None
+    limit: int = 100
 
 
 class JobStore(Protocol):
@@ -63,6 +83,24 @@ class JobStore(Protocol):
 
     async def due(self, now: datetime, limit: int) -> list[Job]:
         """Unfinished jobs whose `sweep_at` has passed, oldest first, at most `limit`.
+
+        Raises:
+            StoreUnavailable: the store could not be reached.
+        """
+        ...
+
+    async def list_jobs(self, query: JobQuery) -> list[Job]:
+        """The jobs the query selects, newest first.
+
+        Raises:
+            StoreUnavailable: the store could not be reached.
+        """
+        ...
+
+    async def count_by_status(
+        self, owner: str | None, since: datetime | None
+    ) -> dict[JobStatus, int]:
+        """How many of the owner's jobs (created since `since`) are in each state.
 
         Raises:
             StoreUnavailable: the store could not be reached.

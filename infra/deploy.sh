@@ -205,9 +205,9 @@ fi
 # Jobs carry `expire_at`; Firestore deletes them within about 24 h after it. So do
 # the chunk documents of large requests and results (subcollection `blobs`), which
 # carry their job's `expire_at`: both collection groups get the policy.
-# No composite index is needed: the recovery sweep filters on one field,
-# `sweep_at` (a single-field range query), which Firestore's automatic
-# single-field indexes serve; job reads are by document id.
+# The recovery sweep filters on one field, `sweep_at` (a single-field range query),
+# which Firestore's automatic single-field indexes serve; job reads are by document id.
+# Listing a caller's jobs (GET /jobs, GET /usage) needs the composite indexes below.
 ttl_state() { # COLLECTION_GROUP
   [[ $DRY_RUN == true ]] && return 0
   gcloud firestore fields ttls list --collection-group="$1" \
@@ -228,6 +228,34 @@ for ttl_group in "$FIRESTORE_COLLECTION" blobs "${FIRESTORE_COLLECTION}_instance
         --enable-ttl --database="$FIRESTORE_DATABASE" --async --project="$PROJECT_ID"
       ;;
   esac
+done
+
+# GET /jobs and GET /usage: a caller's jobs newest first, optionally of one status.
+composite_index_exists() { # FIELD:ORDER...
+  local wanted
+  wanted=$(printf '%s,' "$@")
+  gcloud firestore indexes composite list --database="$FIRESTORE_DATABASE" \
+    --project="$PROJECT_ID" --filter="collectionGroup=$FIRESTORE_COLLECTION" \
+    --format='value[separator=","](fields[].fieldPath,fields[].order)' 2>/dev/null |
+    while IFS= read -r line; do
+      [[ "$line," == *"${wanted//:/,}"* ]] && echo yes
+    done | grep -q yes
+}
+for index_fields in "owner:ASCENDING created_at:DESCENDING job_id:DESCENDING" \
+  "owner:ASCENDING status:ASCENDING created_at:DESCENDING job_id:DESCENDING"; do
+  read -r -a fields <<<"$index_fields"
+  if [[ $DRY_RUN != true ]] && composite_index_exists "${fields[@]}"; then
+    log "index ($index_fields) on $FIRESTORE_COLLECTION exists"
+    continue
+  fi
+  field_flags=()
+  for field in "${fields[@]}"; do
+    order=${field#*:}
+    field_flags+=("--field-config=field-path=${field%%:*},order=${order,,}")
+  done
+  run gcloud firestore indexes composite create --collection-group="$FIRESTORE_COLLECTION" \
+    --query-scope=collection "${field_flags[@]}" --database="$FIRESTORE_DATABASE" --async \
+    --project="$PROJECT_ID"
 done
 
 # --- 4. Service accounts and project roles ---------------------------------------------

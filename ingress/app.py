@@ -23,7 +23,7 @@ from dispatcher.http import (
 from dispatcher.runtime import open_runtime
 from dispatcher.settings import Mode, Settings
 from dispatcher.submission import Submitter
-from ingress.jobs_api import cancel_job, job_status, submit
+from ingress.jobs_api import cancel_job, job_status, list_jobs, submit, usage
 from ingress.openapi import openapi
 from ingress.security import security_middleware
 from ingress.vertex_api import vertex_generate
@@ -56,6 +56,8 @@ def create_app(settings: Settings) -> Starlette:
     return Starlette(
         routes=[
             Route("/generate", submit, methods=["POST"]),
+            Route("/jobs", list_jobs, methods=["GET"]),
+            Route("/usage", usage, methods=["GET"]),
             Route("/jobs/{job_id}", job_status, methods=["GET"]),
             Route("/jobs/{job_id}", cancel_job, methods=["DELETE"]),
             Route(VERTEX_PATH, vertex_generate, methods=["POST"]),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.requests import Request
@@ -17,6 +18,7 @@ from starlette.responses import Response
 from dispatcher.errors import InvalidRequest
 from dispatcher.http import HttpError, json_response, read_body
 from dispatcher.jobs import Job, JobStatus, is_job_id, rfc3339
+from dispatcher.listing import MAX_PAGE_SIZE, list_page, usage_totals
 from dispatcher.logs import current_trace
 from dispatcher.metrics import JOBS
 from dispatcher.runtime import Runtime
@@ -76,6 +78,52 @@ async def cancel_job(request: Request) -> Response:
     runtime.cache.remember(current)
     log.info("job cancelled", extra={"job_id": job.job_id})
     return json_response(job_view(current))
+
+
+async def list_jobs(request: Request) -> Response:
+    """GET /jobs: the caller's jobs, newest first, a page at a time, with counts by status.
+
+    Query: `status`, `since` (RFC 3339), `page_size` (1-500, default 50), `page_token`
+    (the previous page's `next_page_token`). Counts come with the first page only.
+    """
+    runtime: Runtime = request.app.state.runtime
+    params = request.query_params
+    raw_status = params.get("status")
+    if raw_status is not None and raw_status not in _STATUSES:
+        raise HttpError(400, f"status: {raw_status[:32]!r} is not one of {', '.join(_STATUSES)}")
+    since = _time_param("since", params.get("since"))
+    owner = caller_of(request)
+    page = await list_page(
+        runtime.manager.store,
+        owner=owner,
+        status=JobStatus(raw_status) if raw_status else None,
+        since=since,
+        page_size=_page_size(params.get("page_size")),
+        page_token=params.get("page_token"),
+    )
+    body: dict[str, Any] = {
+        "jobs": [job_view(job, with_result=False) for job in page.jobs],
+        "next_page_token": page.next_page_token,
+    }
+    if params.get("page_token") is None:
+        counts = await runtime.manager.store.count_by_status(owner, since)
+        body["counts"] = {status.value: count for status, count in counts.items()}
+    return json_response(body)
+
+
+async def usage(request: Request) -> Response:
+    """GET /usage[?since=T]: the caller's token totals by model and tier that answered."""
+    runtime: Runtime = request.app.state.runtime
+    since = _time_param("since", request.query_params.get("since"))
+    totals, partial = await usage_totals(
+        runtime.manager.store, owner=caller_of(request), since=since
+    )
+    rows = [
+        {"model": model, "tier": tier, **counts} for (model, tier), counts in sorted(totals.items())
+    ]
+    return json_response(
+        {"since": rfc3339(since) if since else None, "usage": rows, "partial": partial}
+    )
 
 
 async def accept_job(request: Request, *, model_override: str | None) -> Accepted:
@@ -162,8 +210,8 @@ def caller_of(request: Request) -> str | None:
     return caller if isinstance(caller, str) else None
 
 
-def job_view(job: Job) -> dict[str, Any]:
-    """The public shape of a job."""
+def job_view(job: Job, *, with_result: bool = True) -> dict[str, Any]:
+    """The public shape of a job (in listings, without its result)."""
     view: dict[str, Any] = {
         "job_id": job.job_id,
         "status": job.status.value,
@@ -182,7 +230,8 @@ def job_view(job: Job) -> dict[str, Any]:
     if job.usage is not None:
         view["usage"] = job.usage
     if job.status is JobStatus.SUCCEEDED:
-        view["result"] = job.result
+        if with_result:
+            view["result"] = job.result
         if job.models_tried and job.tiers_tried:
             view["answered_by"] = {
                 "model": job.models_tried[-1],
@@ -192,6 +241,32 @@ def job_view(job: Job) -> dict[str, Any]:
     elif job.status is JobStatus.FAILED and job.error is not None:
         view["error"] = job.error.to_doc()
     return view
+
+
+_STATUSES = tuple(status.value for status in JobStatus)
+DEFAULT_PAGE_SIZE = 50
+
+
+def _page_size(raw: str | None) -> int:
+    if raw is None:
+        return DEFAULT_PAGE_SIZE
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE_SIZE:
+        raise HttpError(
+            400, f"page_size: {raw[:32]!r} is not a whole number from 1 to {MAX_PAGE_SIZE}"
+        )
+    return int(raw)
+
+
+def _time_param(name: str, raw: str | None) -> datetime | None:
+    if raw is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise HttpError(400, f"{name}: {raw[:40]!r} is not an RFC 3339 time (2026-12-01T12:00:00Z)")
+    return moment.astimezone(UTC)
 
 
 def _wait_param(raw: str | None) -> float:

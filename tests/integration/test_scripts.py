@@ -308,6 +308,36 @@ def test_dry_run_creates_firestore_database_and_ttl(dry_run: Callable[..., Run])
         assert "enable-ttl" in flags(ttl)
 
 
+def test_dry_run_creates_the_listing_indexes(dry_run: Callable[..., Run]) -> None:
+    """The two composite indexes GET /jobs and GET /usage query: (owner, created_at desc,
+    job_id desc) and the same with status after owner, on the jobs collection."""
+    done = dry_run(FIRESTORE_DATABASE="jobs-db")
+    creates = [
+        c
+        for c in done.commands
+        if c[:5] == ["gcloud", "firestore", "indexes", "composite", "create"]
+    ]
+    fields = [
+        [arg.split("=", 1)[1] for arg in c if arg.startswith("--field-config=")] for c in creates
+    ]
+    assert fields == [
+        [
+            "field-path=owner,order=ascending",
+            "field-path=created_at,order=descending",
+            "field-path=job_id,order=descending",
+        ],
+        [
+            "field-path=owner,order=ascending",
+            "field-path=status,order=ascending",
+            "field-path=created_at,order=descending",
+            "field-path=job_id,order=descending",
+        ],
+    ]
+    for create in creates:
+        assert flags(create)["collection-group"] == "jobs"
+        assert flags(create)["database"] == "jobs-db"
+
+
 def test_dry_run_creates_three_service_accounts(dry_run: Callable[..., Run]) -> None:
     """One runtime account per service and one push-invoker account."""
     done = dry_run()

@@ -20,7 +20,7 @@ from dispatcher.errors import JobExists
 from dispatcher.jobs import Job, JobError, JobStatus
 from dispatcher.lifecycle import ClaimOutcome, JobManager, Lifecycle, Progress
 from dispatcher.memory_store import MemoryJobStore
-from dispatcher.store import JobStore
+from dispatcher.store import JobQuery, JobStore
 from tests.conftest import Clock
 from tests.support.stack import PROJECT, unique
 
@@ -327,3 +327,63 @@ async def test_a_write_by_another_process_is_never_overwritten(
     finally:
         await first.close()
         await second.close()
+
+
+# --- Listing a caller's jobs ----------------------------------------------------------
+
+
+async def _listed(store: JobStore, job_factory: Callable[..., Job], clock: Clock) -> list[Job]:
+    """Five jobs of alice, one a second apart (two of them succeeded), and one of bob."""
+    jobs = []
+    for index in range(5):
+        status = JobStatus.SUCCEEDED if index in (1, 3) else JobStatus.PENDING
+        job = job_factory(owner="alice", status=status, created_at=clock())
+        await store.create(job)
+        jobs.append(job)
+        clock.advance(1)
+    await store.create(job_factory(owner="bob", created_at=clock()))
+    return jobs
+
+
+async def test_list_jobs_is_the_owners_newest_first(
+    store: JobStore, job_factory: Callable[..., Job], clock: Clock
+) -> None:
+    """list_jobs gives only the owner's jobs, newest first, at most `limit`."""
+    jobs = await _listed(store, job_factory, clock)
+    listed = await store.list_jobs(JobQuery(owner="alice", limit=3))
+    assert [job.job_id for job in listed] == [job.job_id for job in reversed(jobs)][:3]
+
+
+async def test_list_jobs_pages_after_the_last_seen(
+    store: JobStore, job_factory: Callable[..., Job], clock: Clock
+) -> None:
+    """Starting after a listed job gives the ones older than it, none twice."""
+    jobs = await _listed(store, job_factory, clock)
+    first = await store.list_jobs(JobQuery(owner="alice", limit=2))
+    last = first[-1]
+    rest = await store.list_jobs(
+        JobQuery(owner="alice", after=(last.created_at, last.job_id), limit=10)
+    )
+    assert [job.job_id for job in first + rest] == [job.job_id for job in reversed(jobs)]
+
+
+async def test_list_jobs_filters_by_status_and_creation_time(
+    store: JobStore, job_factory: Callable[..., Job], clock: Clock
+) -> None:
+    """status and since narrow the listing (since is inclusive)."""
+    jobs = await _listed(store, job_factory, clock)
+    succeeded = await store.list_jobs(JobQuery(owner="alice", status=JobStatus.SUCCEEDED))
+    assert [job.job_id for job in succeeded] == [jobs[3].job_id, jobs[1].job_id]
+    recent = await store.list_jobs(JobQuery(owner="alice", since=jobs[3].created_at))
+    assert [job.job_id for job in recent] == [jobs[4].job_id, jobs[3].job_id]
+
+
+async def test_count_by_status_counts_the_owners_jobs(
+    store: JobStore, job_factory: Callable[..., Job], clock: Clock
+) -> None:
+    """count_by_status gives every state, counting only the owner's jobs since `since`."""
+    jobs = await _listed(store, job_factory, clock)
+    counts = await store.count_by_status("alice", None)
+    assert counts == {**dict.fromkeys(JobStatus, 0), JobStatus.PENDING: 3, JobStatus.SUCCEEDED: 2}
+    since = await store.count_by_status("alice", jobs[2].created_at)
+    assert (since[JobStatus.PENDING], since[JobStatus.SUCCEEDED]) == (2, 1)

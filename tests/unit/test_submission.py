@@ -29,7 +29,7 @@ from dispatcher.lifecycle import JobManager, Lifecycle
 from dispatcher.memory_store import MemoryJobStore
 from dispatcher.regions import RoundRobin, session_region
 from dispatcher.settings import ModelConfig
-from dispatcher.store import Change
+from dispatcher.store import Change, JobQuery
 from dispatcher.submission import Submission, Submitter
 from tests.conftest import MODEL, REGIONS, Clock
 
@@ -122,6 +122,14 @@ class FlakyStore:
 
     async def due(self, now: datetime, limit: int) -> list[Job]:
         return await self.inner.due(now, limit)
+
+    async def list_jobs(self, query: JobQuery) -> list[Job]:
+        return await self.inner.list_jobs(query)
+
+    async def count_by_status(
+        self, owner: str | None, since: datetime | None
+    ) -> dict[JobStatus, int]:
+        return await self.inner.count_by_status(owner, since)
 
     async def close(self) -> None:
         await self.inner.close()
