@@ -85,7 +85,7 @@ async def usage_totals(
             page_token=token,
         )
         for job in page.jobs:
-            _add_usage(totals, job)
+            add_usage(totals, job)
         scanned += len(page.jobs)
         token = page.next_page_token
         if token is None:
@@ -94,7 +94,8 @@ async def usage_totals(
             return totals, True
 
 
-def _add_usage(totals: dict[tuple[str, str], dict[str, int]], job: Job) -> None:
+def add_usage(totals: dict[tuple[str, str], dict[str, int]], job: Job) -> None:
+    """Add an answered job's token counts to its (model, tier) row (missing fields: 0)."""
     if job.usage is None:
         return
     model = job.models_tried[-1] if job.models_tried else job.model

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
 from dispatcher.errors import ConfigError, InvalidRequest
+from dispatcher.jobs import Job
+from dispatcher.listing import add_usage
+from dispatcher.regions import Breaker, Outcome, PoolConfig, RegionPool
 from dispatcher.settings import ModelConfig, Settings, Tier
 from dispatcher.tiers import (
     FLEX_THROTTLES_BEFORE_STANDARD,
@@ -249,3 +253,50 @@ def test_model_config_refuses_bad_tier_options(extra: str, says: str) -> None:
             _env(f'[{{"model_id": "m", "supported_regions": ["us-central1"], {extra}}}]')
         )
     assert refused.value.variable == "MODEL_CONFIG"
+
+
+async def test_lanes_are_learned_apart() -> None:
+    """Flex throttling (429s) and a failing PT lane change only their own lanes: the
+    region's standard lane keeps its breaker closed and its limit."""
+    pool = RegionPool(PoolConfig(concurrency_initial=8))
+    flex, provisioned = lane("global", Tier.FLEX), lane("us-central1", Tier.PROVISIONED)
+    for _ in range(4):
+        pool.release(await pool.acquire([flex]), Outcome.OVERLOADED)
+    pool.release(await pool.acquire([provisioned]), Outcome.FAILED)
+    assert pool.state(flex).limit < 8
+    assert pool.state(provisioned).breaker is Breaker.OPEN
+    for region in ("global", "us-central1"):
+        assert pool.state(region).breaker is Breaker.CLOSED
+        assert pool.state(region).limit == 8
+
+
+def test_usage_totals_skip_missing_fields() -> None:
+    """Usage without some token fields adds what it has; a job without usage adds nothing."""
+    totals: dict[tuple[str, str], dict[str, int]] = {}
+    base = datetime(2026, 12, 1, tzinfo=UTC)
+    common: dict[str, Any] = {
+        "model": "m",
+        "region": "us-central1",
+        "request": {},
+        "created_at": base,
+        "updated_at": base,
+        "expire_at": base,
+        "models_tried": ("m",),
+        "tiers_tried": ("flex",),
+    }
+    add_usage(totals, Job(job_id="a" * 22, usage={"totalTokenCount": 7}, **common))
+    add_usage(
+        totals,
+        Job(job_id="b" * 22, usage={"promptTokenCount": 2, "trafficType": "X"}, **common),
+    )
+    add_usage(totals, Job(job_id="c" * 22, usage=None, **common))
+    assert totals == {
+        ("m", "flex"): {
+            "jobs": 2,
+            "prompt": 2,
+            "candidates": 0,
+            "cached": 0,
+            "thoughts": 0,
+            "total": 7,
+        }
+    }
