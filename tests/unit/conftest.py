@@ -21,6 +21,11 @@ from typing import Any, NoReturn
 
 import pytest
 
+# urllib3 probes for IPv6 by binding ::1 when it is first imported (google-auth imports
+# it lazily, on the first token check); imported here, before any guard is in place,
+# so the probe is not taken for a test opening a socket.
+import urllib3.util.connection  # noqa: F401
+
 
 class UnitTierViolation(AssertionError):
     """A unit test opened a socket or started a process."""
