@@ -44,7 +44,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Write BENCHMARKS.md and the charts from whatever ran."""
     if os.environ.get("BENCH_NO_REPORT"):
         return
-    if RESULTS.goodput or RESULTS.wrk or RESULTS.memory or RESULTS.region_down or RESULTS.scale:
+    ran = (RESULTS.goodput, RESULTS.wrk, RESULTS.memory, RESULTS.region_down, RESULTS.scale)
+    if any(ran) or RESULTS.tiers:
         RESULTS.duration_s = (datetime.now(UTC) - RESULTS.started).total_seconds()
         path = write_report(RESULTS)
         print(f"\nbenchmarks: wrote {path}")

@@ -440,11 +440,13 @@ async def submit_all(
     *,
     concurrency: int,
     deadline: float,
+    body_for: Callable[[str], Mapping[str, Any]] = prompt,
 ) -> tuple[list[Submission], Counter[int]]:
     """POST every prompt as fast as the ingress takes them, `concurrency` at a time.
 
     A 429 (admission full) is retried after its Retry-After, a 503 after 0.1 s: the job
-    was not accepted, so trying again is what a client does.
+    was not accepted, so trying again is what a client does. `body_for` turns a prompt's
+    text into the POST body (default: the text alone, no job options).
 
     Returns:
         The accepted submissions in order, and the count of answers by status.
@@ -459,7 +461,7 @@ async def submit_all(
             index = next_index
             next_index += 1
             text = texts[index]
-            body = json.dumps(prompt(text)).encode()
+            body = json.dumps(body_for(text)).encode()
             while time.monotonic() < deadline:
                 sent_at = time.time()
                 status, headers, answer = await ingress.request("POST", "/generate", body)

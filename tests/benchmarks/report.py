@@ -1,7 +1,8 @@
 """Writes BENCHMARKS.md and the PNG charts beside it (docs/benchmarks/) from one run.
 
 The hand-written part of BENCHMARKS.md (between the notes markers) is kept across runs;
-everything else is regenerated.
+everything else is regenerated. An invocation that ran only scenario 6 (`run.sh -k tiers`)
+rewrites only its section, in place, and leaves the other sections' figures as they are.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from tests.benchmarks.harness import (
     per_second,
 )
 from tests.benchmarks.scale import InFlightMemory, ScaleRow, StoreCeiling
+from tests.benchmarks.tiers_bench import RATE_OF_TRAFFIC as RATE_OF_TRAFFIC_NAMES
+from tests.benchmarks.tiers_bench import TierRun, TierScenario, token_cost
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 REPORT: Final = ROOT / "BENCHMARKS.md"
@@ -32,6 +35,7 @@ COMMAND: Final = "bash tests/benchmarks/run.sh"
 NOTES_START: Final = "<!-- notes:start -->"
 NOTES_END: Final = "<!-- notes:end -->"
 MODE_NAMES: Final = {"memory": "mode 1", "pubsub": "mode 3"}
+TIERS_HEADING: Final = "## 6. Cost under deadline"
 
 
 @dataclass
@@ -54,7 +58,27 @@ class Results:
     scale: list[ScaleRow] = field(default_factory=list)
     store_ceiling: StoreCeiling | None = None
     in_flight: list[InFlightMemory] = field(default_factory=list)
+    tiers: list[TierRun] = field(default_factory=list)
+    tier_scenario: TierScenario | None = None
     skipped: dict[str, str] = field(default_factory=dict)
+
+    def only_tiers(self) -> bool:
+        """Whether scenario 6 is all that ran (its section is then written on its own)."""
+        others = (
+            self.goodput,
+            self.region_down,
+            self.wrk,
+            self.added,
+            self.memory,
+            self.scale,
+            self.in_flight,
+            self.push_rates,
+        )
+        return bool(self.tiers) and not any(others)
+
+    def tier(self, variant: str) -> TierRun | None:
+        """Scenario 6's run of `variant`, if it ran."""
+        return next((r for r in self.tiers if r.variant == variant), None)
 
     def healthy(self, mode: str = "memory") -> GoodputResult | None:
         """The default strategy's run in `mode`, if it ran."""
@@ -170,7 +194,60 @@ def write_charts(results: Results, charts: Path = CHARTS) -> list[str]:
         fig.savefig(charts / "scale-workers.png", dpi=90)
         plt.close(fig)
         written.append("scale-workers.png")
+    if results.tiers:
+        written.append(tiers_chart(results, charts, plt))
     return written
+
+
+RATE_COLOURS: Final = {
+    "standard": "tab:red",
+    "flex": "tab:green",
+    "provisioned": "tab:blue",
+    "priority": "tab:purple",
+}
+
+
+def tiers_chart(results: Results, charts: Path, plt: Any) -> str:
+    """Scenario 6: cost per 1,000 jobs by rate per variant; auto's answers per lane."""
+    fig, (costs, lanes) = plt.subplots(1, 2, figsize=(12, 3.4))
+    table = results.tier_scenario.prices() if results.tier_scenario else {}
+    prices = next(iter(table.values()), {})
+    names = [run.variant for run in results.tiers]
+    bottoms = [0.0] * len(names)
+    for rate, colour in RATE_COLOURS.items():
+        heights = []
+        for run in results.tiers:
+            kinds = {t: k for t, k in run.tokens.items() if RATE_OF_TRAFFIC_NAMES.get(t, t) == rate}
+            heights.append(token_cost(kinds, prices) / run.jobs * 1000 if run.jobs else 0.0)
+        if any(heights):
+            costs.bar(names, heights, bottom=bottoms, color=colour, label=rate)
+            bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
+    for index, run in enumerate(results.tiers):
+        costs.text(
+            index,
+            bottoms[index],
+            f"{run.on_time_share:.0%} on time",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    costs.set_ylabel("USD per 1,000 jobs")
+    costs.set_title("cost by billed rate (label: share answered before the deadline)", fontsize=9)
+    costs.legend(fontsize=7)
+    costs.grid(alpha=0.3, axis="y")
+    auto = results.tier("auto")
+    if auto is not None:
+        for lane, points in sorted(per_second(auto.calls_log, status=200, bucket_s=2.0).items()):
+            lanes.plot([t for t, _ in points], [v for _, v in points], label=lane, lw=1)
+        lanes.axvline(auto.deadline_s, color="grey", ls="--", label="deadline (first job)")
+    lanes.set_title("auto: answers (200) per second, per lane", fontsize=9)
+    lanes.set_xlabel("s since the first submission")
+    lanes.grid(alpha=0.3)
+    lanes.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(charts / "tiers.png", dpi=90)
+    plt.close(fig)
+    return "tiers.png"
 
 
 # -- targets --------------------------------------------------------------------------------
@@ -258,6 +335,7 @@ def targets(results: Results) -> list[tuple[str, str, bool | None]]:
                     at.p99_ms <= 10 and at.rate_per_s >= 950,
                 )
             )
+    rows += tier_targets(results)
     if results.memory is not None:
         memory = results.memory
         at_bound = next(
@@ -270,6 +348,66 @@ def targets(results: Results) -> list[tuple[str, str, bool | None]]:
                 f"{at_bound:.0f} MiB at {memory.memory_max_jobs:,} jobs, "
                 f"{memory.rss_end_mib:.0f} MiB at {memory.jobs:,} ({growth:+.0f} MiB)",
                 growth <= 0.05 * at_bound,
+            )
+        )
+    return rows
+
+
+def tier_targets(results: Results) -> list[tuple[str, str, bool | None]]:
+    """Scenario 6's targets (measured, not asserted): (target, measured, met)."""
+    rows: list[tuple[str, str, bool | None]] = []
+    standard, flex, auto = (results.tier(v) for v in ("standard", "flex", "auto"))
+    if auto is not None:
+        rows.append(
+            (
+                "tiers: auto answers >= 99 % of jobs before the deadline",
+                f"{auto.on_time_share:.1%} ({auto.on_time:,} of {auto.jobs:,})",
+                auto.on_time_share >= 0.99,
+            )
+        )
+        if standard is not None and standard.cost_usd > 0:
+            ratio = auto.cost_per_1000 / standard.cost_per_1000
+            rows.append(
+                (
+                    "tiers: auto costs <= 0.65x all-standard",
+                    f"{ratio:.2f}x (${auto.cost_per_1000:.4f} against "
+                    f"${standard.cost_per_1000:.4f} per 1,000 jobs)",
+                    ratio <= 0.65,
+                )
+            )
+    if flex is not None:
+        rows.append(
+            (
+                "tiers: flex alone misses the deadline for some jobs",
+                f"{flex.jobs - flex.on_time:,} of {flex.jobs:,} late ({flex.on_time_share:.1%} "
+                "on time)",
+                flex.on_time < flex.jobs,
+            )
+        )
+    if standard is not None:
+        rows.append(
+            (
+                "tiers: standard alone meets the deadline",
+                f"{standard.on_time_share:.1%} on time, all done in {standard.wall_s:.1f} s",
+                standard.on_time == standard.jobs,
+            )
+        )
+    provisioned = results.tier("provisioned")
+    if provisioned is not None:
+        rows.append(
+            (
+                "tiers: no on-demand token billed for a provisioned job",
+                f"{provisioned.provisioned_jobs_on_demand_tokens} tokens",
+                provisioned.provisioned_jobs_on_demand_tokens == 0,
+            )
+        )
+    lost = [run for run in results.tiers if run.lost]
+    if results.tiers:
+        rows.append(
+            (
+                "tiers: 0 jobs lost, every job final",
+                ", ".join(f"{run.variant} {run.lost}" for run in results.tiers),
+                not lost,
             )
         )
     return rows
@@ -457,6 +595,8 @@ def render(results: Results, charts: list[str], notes: str) -> str:
             lines += ["![memory.png](docs/benchmarks/memory.png)", ""]
     if results.scale:
         lines += render_scale(results, charts)
+    if results.tiers:
+        lines += render_tiers(results, charts)
     if results.profiles:
         lines += [
             "## Profiles",
@@ -493,11 +633,38 @@ def existing_notes(path: Path = REPORT) -> str:
 
 
 def write_report(results: Results, path: Path = REPORT, charts_dir: Path = CHARTS) -> Path:
-    """Write BENCHMARKS.md and the charts; returns the report's path."""
-    notes = existing_notes(path)
+    """Write BENCHMARKS.md and the charts; returns the report's path.
+
+    When scenario 6 is all that ran and the report exists, only section 6 is replaced
+    (or added before the profiles and notes); every other section is kept as it is.
+    """
     charts = write_charts(results, charts_dir)
+    if results.only_tiers() and path.exists():
+        section = "\n".join(render_tiers(results, charts))
+        path.write_text(splice_section(path.read_text(encoding="utf-8"), section), "utf-8")
+        return path
+    notes = existing_notes(path)
     path.write_text(render(results, charts, notes), encoding="utf-8")
     return path
+
+
+def splice_section(text: str, section: str, heading: str = TIERS_HEADING) -> str:
+    """`text` with the section under `heading` replaced by `section` (up to the next `## `).
+
+    A report without that section gets it before `## Profiles`, else before `## Notes`,
+    else at the end.
+    """
+    section = section.rstrip("\n") + "\n\n"
+    start = text.find(f"\n{heading}\n")
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        end = len(text) if end < 0 else end + 1
+        return text[: start + 1] + section + text[end:]
+    for anchor in ("\n## Profiles\n", "\n## Notes\n"):
+        at = text.find(anchor)
+        if at >= 0:
+            return text[: at + 1] + section + text[at + 1 :]
+    return text.rstrip("\n") + "\n\n" + section
 
 
 def render_scale(results: Results, charts: list[str]) -> list[str]:
@@ -566,4 +733,95 @@ def render_scale(results: Results, charts: list[str]) -> list[str]:
                 f"| {m.share_of_bound:.2f} |"
             )
         lines.append("")
+    return lines
+
+
+def render_tiers(results: Results, charts: list[str]) -> list[str]:
+    """Section 6: cost under deadline, each variant's figures beside the construction."""
+    scenario = results.tier_scenario
+    took = f", took {results.duration_s / 60:.1f} min" if results.duration_s else ""
+    lines = [
+        TIERS_HEADING,
+        "",
+        f"Ran {results.started:%Y-%m-%d %H:%M} UTC on {machine()}, `{COMMAND} -k tiers` "
+        f"(commit {git_revision()}, load average before {results.load_before}{took}); mode 1,",
+        "one ingress; every variant on a fresh stack (limits and the `auto` rule's p95 learnt",
+        "from nothing). Mode 3 is not run: the tier of each call is chosen by the same",
+        "executor, and mode 3's rate here is the Pub/Sub emulator's (section 1), below flex's.",
+        "",
+    ]
+    if scenario is not None:
+        standard_price, flex_price = scenario.standard_price, scenario.flex_price
+        lines += [
+            f"**Construction.** {scenario.construction()} Prices (USD per million prompt / "
+            f"candidates tokens): standard {standard_price[0]:g} / {standard_price[1]:g}, "
+            f"flex {flex_price[0]:g} / {flex_price[1]:g}, provisioned "
+            f"{scenario.provisioned_price[0]:g} (PT is paid by the month). Each prompt is "
+            f"~{scenario.prompt_chars // 4} tokens, each answer ~{scenario.response_bytes // 6} "
+            "(the stand-in counts ceil(characters / 4)). Standard calls try the PT regions "
+            "first (PT while it has room, then on demand); `auto` runs flex while a job's "
+            "time left exceeds the p95 of the model's standard calls (10 s before any is "
+            "timed), then standard. The provisioned variant is "
+            f"{scenario.provisioned_jobs:,} jobs of tier `provisioned`.",
+            "",
+        ]
+    lines += [
+        "On time = succeeded with `updated_at` <= the job's `deadline`. Tokens from the",
+        "stand-in's `/_standin/stats` per `trafficType`; cost = those tokens x the price table,",
+        "per 1,000 submitted jobs (late jobs cost nothing and count), beside",
+        "`dispatcher_cost_usd_total` from the ingress's `/metrics`. Wall = first submission",
+        "to the last job's `updated_at`.",
+        "",
+        "| tier | N | on time | succeeded / failed | lost | wall s | answered by "
+        "| tokens billed standard / PT / flex | cost per 1,000 jobs | /metrics cost "
+        "| vs standard |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    standard = results.tier("standard")
+    for run in results.tiers:
+        failed = ", ".join(f"{n:,} {code}" for code, n in sorted(run.failed_by_code.items()))
+        ratio = (
+            f"{run.cost_per_1000 / standard.cost_per_1000:.2f}x"
+            if standard is not None and standard.cost_usd > 0
+            else "-"
+        )
+        shares = " / ".join(
+            f"{run.token_share(rate):.0%}" for rate in ("standard", "provisioned", "flex")
+        )
+        answered = ", ".join(f"{tier} {n:,}" for tier, n in sorted(run.answered_by_tier.items()))
+        metrics_per_1000 = run.metrics_cost_usd / run.jobs * 1000 if run.jobs else 0.0
+        lines.append(
+            f"| {run.variant} | {run.jobs:,} | **{run.on_time_share:.1%}** "
+            f"| {run.statuses.get('succeeded', 0):,} / {run.statuses.get('failed', 0):,}"
+            f"{f' ({failed})' if failed else ''} | {run.lost} | {run.wall_s:.1f} | {answered} "
+            f"| {shares} | ${run.cost_per_1000:.4f} | ${metrics_per_1000:.4f} | {ratio} |"
+        )
+    lines += [
+        "",
+        "429s by kind of lane (`standard`: the plain regions; `flex`: `global~flex`;",
+        "`provisioned`: `REGION~provisioned`), from the stand-in's call log and from the",
+        "dispatcher's `dispatcher_upstream_calls_total` (its region labels are lanes); the",
+        "stand-in's own `by_status` per region (flex and standard calls to `global` together).",
+        "",
+        "| tier | stand-in: 429 share per kind | dispatcher: 429 share per kind "
+        "| stand-in by_status per region | CPU s used |",
+        "|---|---|---|---|---|",
+    ]
+    for run in results.tiers:
+        standin = ", ".join(f"{k} {v}" for k, v in run.share_429().items())
+        dispatcher = ", ".join(f"{k} {v}" for k, v in run.share_429(run.upstream_by_lane).items())
+        regions = "; ".join(
+            f"{region} {statuses}" for region, statuses in sorted(run.standin_by_status.items())
+        )
+        lines.append(
+            f"| {run.variant} | {standin} | {dispatcher} | {regions} | {_cpu(run.cpu_s)} |"
+        )
+    rows = tier_targets(results)
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
+    for target, measured, met in rows:
+        verdict = "not measured" if met is None else ("yes" if met else "**no**")
+        lines.append(f"| {target} | {measured} | {verdict} |")
+    lines.append("")
+    if "tiers.png" in charts:
+        lines += ["![tiers.png](docs/benchmarks/tiers.png)", ""]
     return lines

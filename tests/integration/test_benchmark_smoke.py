@@ -1,8 +1,9 @@
-"""Fast versions of benchmark scenarios 1 and 5 (small N), so the harness cannot rot unnoticed.
+"""Fast versions of benchmark scenarios 1, 5 and 6 (small N), so the harness cannot rot.
 
 The real suite is `bash tests/benchmarks/run.sh` (BENCHMARKS.md); this runs the same
-code, in mode 1 with every strategy on 150 jobs, and in mode 3 with two workers behind
-the push relay on 60 jobs, with small latencies and short backoffs.
+code, in mode 1 with every strategy on 150 jobs, in mode 3 with two workers behind
+the push relay on 60 jobs, and scenario 6's tiers on 200 jobs with a 5 s deadline, with
+small latencies and short backoffs.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from tests.benchmarks.harness import STRATEGIES, Capacity, bench_stack, run_goodput
-from tests.benchmarks.report import Results, render, targets, write_charts
+from tests.benchmarks.report import Results, render, splice_section, targets, write_charts
 from tests.benchmarks.scale import ScaleRow, measure_store_ceiling, scale_stack, store_operations
+from tests.benchmarks.tiers_bench import SMOKE as TIERS_SMOKE
+from tests.benchmarks.tiers_bench import VARIANTS, run_tier_variant, tier_stack
 from tests.integration.conftest import Emulators
 
 pytestmark = pytest.mark.integration
@@ -84,3 +87,29 @@ def test_mode3_scale_harness_runs_with_two_workers(tmp_path: Path, emulators: Em
     text = render(results, write_charts(results, tmp_path), notes="\nsmoke\n")
     assert "## 5. At realistic scale" in text
     assert "| K = 2 |" in text
+
+
+@pytest.mark.timeout(90)
+def test_tiers_harness_runs_every_variant(tmp_path: Path) -> None:
+    """Scenario 6 small: every job of every tier final, none lost, section 6 rendered."""
+    results = Results(tier_scenario=TIERS_SMOKE)
+    for variant in (*VARIANTS, "provisioned"):
+        jobs = TIERS_SMOKE.provisioned_jobs if variant == "provisioned" else TIERS_SMOKE.jobs
+        with tier_stack(TIERS_SMOKE, log_dir=tmp_path) as stack:
+            run = run_tier_variant(stack, TIERS_SMOKE, variant=variant, jobs=jobs, timeout_s=30)
+        assert run.lost == 0, run.statuses
+        assert sum(run.statuses.values()) == jobs
+        assert set(run.failed_by_code) <= {"DEADLINE_EXCEEDED"}, run.failed_by_code
+        assert (run.cost_usd == 0) == (variant == "provisioned")  # PT is free per token
+        results.tiers.append(run)
+    assert results.only_tiers()
+    text = render(results, write_charts(results, tmp_path), notes="\nsmoke\n")
+    assert "## 6. Cost under deadline" in text
+    for variant in (*VARIANTS, "provisioned"):
+        assert f"| {variant} | " in text
+    # Written on its own, the section replaces only itself in an existing report.
+    report = "# Benchmarks\n\n## 5. At realistic scale\n\nkept\n\n## Notes\n\nnotes\n"
+    once = splice_section(report, "## 6. Cost under deadline\n\nfirst\n")
+    twice = splice_section(once, "## 6. Cost under deadline\n\nsecond\n")
+    assert "kept" in twice and "notes" in twice and "first" not in twice
+    assert twice.index("## 5.") < twice.index("second") < twice.index("## Notes")
