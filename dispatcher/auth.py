@@ -23,8 +23,9 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import httpx
@@ -33,6 +34,7 @@ from google.auth import jwt as google_jwt
 
 from dispatcher.errors import ConfigError, DispatcherError
 from dispatcher.settings import GOOGLE_CERTS_URL
+from dispatcher.tenants import NO_POLICY, KeyPolicy, parse_policy
 
 log = logging.getLogger(__name__)
 
@@ -308,12 +310,14 @@ _SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 class ApiKeyStore:
     """The ingress's API keys: a name and the SHA-256 of each key, never the key.
 
-    The file behind it (`API_KEYS_FILE`) has one `name:sha256hex` a line; blank
+    The file behind it (`API_KEYS_FILE`) has one `name:sha256hex` a line, optionally
+    followed by the key's policy as `name=value` words (`dispatcher.tenants`); blank
     lines and lines starting with `#` are skipped. Make an entry with
     `printf %s "$KEY" | sha256sum`.
     """
 
     entries: tuple[tuple[str, bytes], ...]
+    policies: Mapping[str, KeyPolicy] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, text: str) -> ApiKeyStore:
@@ -324,13 +328,15 @@ class ApiKeyStore:
                 line may hold a key pasted by mistake).
         """
         entries: list[tuple[str, bytes]] = []
+        policies: dict[str, KeyPolicy] = {}
         names: set[str] = set()
         digests: set[bytes] = set()
         for number, raw in enumerate(text.splitlines(), start=1):
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
-            name, sep, digest_hex = (part.strip() for part in line.partition(":"))
+            name, sep, rest = (part.strip() for part in line.partition(":"))
+            digest_hex, *words = rest.split() or [""]
             if not sep or not _KEY_NAME.match(name) or not _SHA256_HEX.match(digest_hex):
                 raise ConfigError(
                     "API_KEYS_FILE",
@@ -342,12 +348,16 @@ class ApiKeyStore:
                 raise ConfigError("API_KEYS_FILE", f"line {number}: the name {name!r} repeats")
             if digest in digests:
                 raise ConfigError("API_KEYS_FILE", f"line {number}: the same key appears twice")
+            try:
+                policies[name] = parse_policy(words)
+            except ValueError as exc:
+                raise ConfigError("API_KEYS_FILE", f"line {number} ({name}): {exc}") from None
             names.add(name)
             digests.add(digest)
             entries.append((name, digest))
         if not entries:
             raise ConfigError("API_KEYS_FILE", "holds no keys")
-        return cls(tuple(entries))
+        return cls(tuple(entries), MappingProxyType(policies))
 
     @classmethod
     def load(cls, path: str) -> ApiKeyStore:
@@ -381,5 +391,68 @@ class ApiKeyStore:
                 match = name
         return match
 
+    def policy(self, name: str | None) -> KeyPolicy:
+        """The key's policy (no limits for a key without one, or with keys off)."""
+        return self.policies.get(name, NO_POLICY) if name is not None else NO_POLICY
+
     def __repr__(self) -> str:
         return f"ApiKeyStore(names={list(self.names)!r})"
+
+
+class KeyRing:
+    """The keys file as it stands: re-read when it changes (looked at most once a
+    second) or on `reload()` (the ingress calls it on SIGHUP), without a restart.
+
+    A file that no longer parses is refused with an error in the log and the keys
+    read before stay in force, so a bad edit never locks every caller out.
+    """
+
+    RECHECK_S = 1.0
+
+    def __init__(self, path: str, keys: ApiKeyStore, mtime: float | None) -> None:
+        self._path = path
+        self._keys = keys
+        self._mtime = mtime
+        self._checked = time.monotonic()
+
+    @classmethod
+    def load(cls, path: str) -> KeyRing:
+        """Read the file at start-up.
+
+        Raises:
+            ConfigError: it cannot be read or is malformed.
+        """
+        keys = ApiKeyStore.load(path)
+        return cls(path, keys, _mtime(path))
+
+    @property
+    def current(self) -> ApiKeyStore:
+        """The keys in force (re-read first if the file changed since the last look)."""
+        now = time.monotonic()
+        if now - self._checked >= self.RECHECK_S:
+            self._checked = now
+            if _mtime(self._path) != self._mtime:
+                self.reload()
+        return self._keys
+
+    def reload(self) -> bool:
+        """Read the file again; whether the new keys are now in force."""
+        mtime = _mtime(self._path)
+        try:
+            keys = ApiKeyStore.load(self._path)
+        except ConfigError as exc:
+            log.error(
+                "API keys file not reloaded; the keys read before stay", extra={"reason": str(exc)}
+            )
+            self._mtime = mtime  # not retried until it changes again
+            return False
+        self._keys, self._mtime = keys, mtime
+        log.info("API keys reloaded", extra={"keys": len(keys.entries)})
+        return True
+
+
+def _mtime(path: str) -> float | None:
+    try:
+        return Path(path).stat().st_mtime
+    except OSError:
+        return None

@@ -24,6 +24,7 @@ from dispatcher.errors import (
     StoreUnavailable,
 )
 from dispatcher.status import STATUS_NAMES
+from dispatcher.tenants import KeyForbidden, KeyLimited
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,10 @@ def http_error_for(exc: DispatcherError) -> HttpError:
             return HttpError(400, str(exc))
         case Overloaded():
             return HttpError(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
+        case KeyLimited():
+            return HttpError(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
+        case KeyForbidden():
+            return HttpError(403, str(exc))
         case IdempotencyConflict():
             return HttpError(409, str(exc), name="ALREADY_EXISTS")
         case JobNotStored():

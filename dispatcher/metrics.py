@@ -55,6 +55,13 @@ COST = Counter(
     ["model", "rate", "caller"],
     registry=None,  # registered per runtime by `build_registry`
 )
+KEY_REFUSALS = Counter(
+    "dispatcher_key_refusals",
+    "Submissions refused because the API key was over a limit, by caller and limit "
+    "(rpm, tpm, max_unfinished, tokens_per_day, tokens_per_month).",
+    ["caller", "limit"],
+    registry=None,  # registered per runtime by `build_registry`
+)
 _BREAKER_VALUE = {Breaker.CLOSED: 0, Breaker.HALF_OPEN: 1, Breaker.OPEN: 2}
 
 
@@ -63,7 +70,15 @@ def build_registry(
 ) -> CollectorRegistry:
     """The registry one service serves: the process's counters and its live state."""
     registry = CollectorRegistry(auto_describe=True)
-    for collector in (JOBS, UPSTREAM_CALLS, UPSTREAM_LATENCY, STORE_OPERATIONS, TOKENS, COST):
+    for collector in (
+        JOBS,
+        UPSTREAM_CALLS,
+        UPSTREAM_LATENCY,
+        STORE_OPERATIONS,
+        TOKENS,
+        COST,
+        KEY_REFUSALS,
+    ):
         registry.register(collector)
     registry.register(LiveStateCollector(pool, queued=queued, running=running))
     return registry

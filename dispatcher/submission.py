@@ -37,9 +37,11 @@ from dispatcher.errors import (
 )
 from dispatcher.jobs import Job, JobError, JsonObject
 from dispatcher.lifecycle import JobManager
+from dispatcher.metrics import KEY_REFUSALS
 from dispatcher.queue import JobQueue
 from dispatcher.regions import RoundRobin, pinned_region, session_region
 from dispatcher.settings import ModelConfig, Tier
+from dispatcher.tenants import NO_POLICY, KeyLimited, KeyPolicy, TenantGate, estimate_tokens
 from dispatcher.tiers import parse_tier
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ class Submission:
         tier: The tier asked for (a name, or None for the model's default).
         deadline: When the job must be done by, if the request says.
         fallback: Whether the job may move to the model's fallbacks.
+        policy: The calling key's policy (limits, allowed models and tiers).
     """
 
     request: JsonObject
@@ -70,6 +73,7 @@ class Submission:
     tier: object = None
     deadline: datetime | None = None
     fallback: bool = True
+    policy: KeyPolicy = NO_POLICY
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,12 +95,14 @@ class Submitter:
         models: Mapping[str, ModelConfig],
         default_model: str,
         round_robin: Mapping[str, RoundRobin],
+        gate: TenantGate | None = None,
     ) -> None:
         self._manager = manager
         self._queue = queue
         self._models = models
         self._default_model = default_model
         self._round_robin = round_robin
+        self._gate = gate
 
     async def submit(self, submission: Submission) -> Accepted:
         """Store a pending job for the submission and hand it to the queue.
@@ -106,12 +112,16 @@ class Submitter:
                 in a region the model is not configured for.
             IdempotencyConflict: the Idempotency-Key was used with another body.
             Overloaded: too much work is waiting.
+            KeyForbidden: the key may not use the model or tier.
+            KeyLimited: the key is over one of its limits.
             JobNotStored: the record could not be written; nothing was queued.
             StoreUnavailable: an earlier job could not be read.
             PublishFailed: the job could not be handed to the queue (it is failed).
         """
         model_id, region = self._route(submission)
-        tier = parse_tier(submission.tier, self._models[model_id])
+        policy = submission.policy
+        asked = submission.tier if submission.tier is not None else policy.default_tier
+        tier = parse_tier(asked, self._models[model_id])
         if tier in (Tier.FLEX, Tier.PRIORITY, Tier.AUTO) and pinned_region(submission.request):
             raise InvalidRequest(
                 f"tier: {tier} runs on 'global', but the request's cachedContent lives in "
@@ -126,6 +136,17 @@ class Submitter:
             earlier = await self._manager.get(job_id)
             if earlier is not None:
                 return Accepted(_replay(earlier, request_hash), replayed=True)
+        if self._gate is not None and submission.owner is not None:
+            self._gate.check_use(submission.owner, policy, model=model_id, tier=tier)
+            try:
+                await self._gate.admit(
+                    submission.owner,
+                    policy,
+                    estimated_tokens=estimate_tokens(submission.request),
+                )
+            except KeyLimited as exc:
+                KEY_REFUSALS.labels(submission.owner, exc.limit).inc()
+                raise
         self._queue.admit()
         job = self._manager.new_job(
             job_id=job_id,

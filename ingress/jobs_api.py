@@ -15,6 +15,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from dispatcher.auth import KeyRing
 from dispatcher.errors import InvalidRequest
 from dispatcher.http import HttpError, json_response, read_body
 from dispatcher.jobs import Job, JobStatus, is_job_id, rfc3339
@@ -24,6 +25,7 @@ from dispatcher.metrics import JOBS
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Mode
 from dispatcher.submission import Accepted, Submission, Submitter
+from dispatcher.tenants import NO_POLICY, TenantGate
 from dispatcher.tiers import tier_from_headers
 from dispatcher.validation import parse_deadline, parse_request
 
@@ -126,6 +128,26 @@ async def usage(request: Request) -> Response:
     )
 
 
+async def my_key(request: Request) -> Response:
+    """GET /keys/me: the calling key's policy and what is left of it."""
+    keyring: KeyRing | None = request.app.state.keyring
+    owner = caller_of(request)
+    if keyring is None or owner is None:
+        raise HttpError(404, "API keys are off (no API_KEYS_FILE): there is no key to show")
+    policy = keyring.current.policy(owner)
+    gate: TenantGate = request.app.state.gate
+    store = request.app.state.runtime.manager.store
+    counts = await store.count_by_status(owner, None)
+    return json_response(
+        {
+            "name": owner,
+            "policy": policy.to_doc(),
+            "remaining_per_minute": gate.remaining(owner, policy),
+            "unfinished": counts[JobStatus.PENDING] + counts[JobStatus.RUNNING],
+        }
+    )
+
+
 async def accept_job(request: Request, *, model_override: str | None) -> Accepted:
     """Parse the request and submit it (the rules of entry are in `dispatcher.submission`).
 
@@ -151,11 +173,13 @@ async def accept_job(request: Request, *, model_override: str | None) -> Accepte
     else:  # the Vertex-compatible route: Vertex's own two headers
         tier, deadline, fallback = tier_from_headers(request.headers), None, True
     submitter: Submitter = request.app.state.submitter
+    keyring: KeyRing | None = request.app.state.keyring
+    owner = caller_of(request)
     accepted = await submitter.submit(
         Submission(
             request=body,
             model=model_override or requested_model,
-            owner=caller_of(request),
+            owner=owner,
             # Both checked by the RequestLimits middleware before any handler runs.
             idempotency_key=request.headers.get("idempotency-key"),
             session_id=request.headers.get("x-session-id") or None,
@@ -163,6 +187,7 @@ async def accept_job(request: Request, *, model_override: str | None) -> Accepte
             tier=tier,
             deadline=deadline,
             fallback=fallback,
+            policy=keyring.current.policy(owner) if keyring is not None else NO_POLICY,
         )
     )
     if not accepted.replayed:

@@ -13,7 +13,7 @@ from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from dispatcher.auth import ApiKeyStore, bearer_token
+from dispatcher.auth import ApiKeyStore, KeyRing, bearer_token
 from dispatcher.errors import InvalidRequest
 from dispatcher.http import error_response
 from dispatcher.settings import Settings
@@ -35,7 +35,7 @@ OPEN_PATHS = frozenset({"/healthz", "/openapi.json"})
 API_KEY_HEADER = "x-api-key"
 
 
-def security_middleware(settings: Settings) -> list[Middleware]:
+def security_middleware(settings: Settings, keyring: KeyRing | None = None) -> list[Middleware]:
     """The ingress's guards, outermost first: limits, then API keys when configured.
 
     Called once while the app is built at start-up: that is when `API_KEYS_FILE` is read.
@@ -44,9 +44,10 @@ def security_middleware(settings: Settings) -> list[Middleware]:
         ConfigError: naming API_KEYS_FILE, when the file cannot be read or is malformed.
     """
     middleware = [Middleware(RequestLimits)]
-    if settings.api_keys_file is not None:
-        keys = ApiKeyStore.load(settings.api_keys_file)
-        middleware.append(Middleware(ApiKeyAuth, keys=keys))
+    if keyring is None and settings.api_keys_file is not None:
+        keyring = KeyRing.load(settings.api_keys_file)
+    if keyring is not None:
+        middleware.append(Middleware(ApiKeyAuth, keys=keyring))
     return middleware
 
 
@@ -107,7 +108,7 @@ class ApiKeyAuth:
     ID token, not the key.
     """
 
-    def __init__(self, app: ASGIApp, *, keys: ApiKeyStore) -> None:
+    def __init__(self, app: ASGIApp, *, keys: ApiKeyStore | KeyRing) -> None:
         self._app = app
         self._keys = keys
 
@@ -118,7 +119,8 @@ class ApiKeyAuth:
             return
         headers = Headers(scope=scope)
         presented = headers.get(API_KEY_HEADER) or bearer_token(headers.get("authorization"))
-        caller = self._keys.identify(presented) if presented else None
+        keys = self._keys.current if isinstance(self._keys, KeyRing) else self._keys
+        caller = keys.identify(presented) if presented else None
         if caller is None:
             reason = "unknown API key" if presented else "missing API key"
             # The key itself is never logged, only that one was refused.

@@ -23,6 +23,7 @@ from dispatcher.auth import (
     ApiKeyStore,
     CertsUnavailable,
     FetchedCerts,
+    KeyRing,
     PermissionDenied,
     PushVerifier,
     Unauthenticated,
@@ -467,7 +468,9 @@ def test_keys_file_is_loaded_when_the_guards_are_built(tmp_path: Path) -> None:
     path = tmp_path / "keys"
     path.write_text(KEYS_FILE)
     settings = Settings.from_env(base_env(API_KEYS_FILE=str(path)))
-    keys = security_middleware(settings)[-1].kwargs["keys"]
+    ring = security_middleware(settings)[-1].kwargs["keys"]
+    assert isinstance(ring, KeyRing)
+    keys = ring.current
     assert isinstance(keys, ApiKeyStore) and keys.names == ("alice", "bob")
     assert _sha("alice-secret-key") not in repr(keys)
 
