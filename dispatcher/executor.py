@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from dispatcher.errors import CorruptRecord, InvalidRequest
+from dispatcher.fairness import share_of
 from dispatcher.jobs import Job, JobError, JsonObject
 from dispatcher.lifecycle import ClaimOutcome, JobManager, Progress
 from dispatcher.logs import job_context
@@ -254,6 +255,7 @@ class JobExecutor:
                     regions=(GLOBAL,),
                     preferred=GLOBAL,
                     tried=tried,
+                    share=share_of(job),
                     tier=Tier.FLEX,
                     # Leave a standard call's time before the deadline.
                     budget_s=None if time_left is None else time_left - standard_s,
@@ -281,6 +283,7 @@ class JobExecutor:
             regions=(pinned,) if pinned else regions_for(model, tier),
             preferred=pinned or preferred,
             tried=tried,
+            share=share_of(job),
             tier=tier,
             budget_s=self._time_left(job),
         )

@@ -73,6 +73,9 @@ class Job:
         tiers_tried: The tier of each call, beside `regions_tried`.
         fallback: Whether the job may move to its model's fallbacks.
         models_tried: The model of each call, beside `regions_tried`.
+        priority: The key's class (`interactive` or `batch`): batch calls wait for
+            region slots behind interactive ones.
+        weight: The key's weight in the fair share of region slots.
         usage: Vertex's `usageMetadata` of the answer (tokens, `trafficType`).
     """
 
@@ -103,6 +106,8 @@ class Job:
     fallback: bool = True
     models_tried: tuple[str, ...] = ()
     usage: JsonObject | None = None
+    priority: str = "interactive"
+    weight: float = 1.0
 
     def to_doc(self) -> JsonObject:
         """The job as a plain mapping for a store; `request`/`result` stay JSON objects."""
@@ -133,6 +138,8 @@ class Job:
             "tiers_tried": list(self.tiers_tried),
             "fallback": self.fallback,
             "models_tried": list(self.models_tried),
+            "priority": self.priority,
+            "weight": self.weight,
             "usage": self.usage,
         }
 
@@ -167,6 +174,8 @@ class Job:
             tiers_tried=tuple(doc.get("tiers_tried") or ()),
             fallback=bool(doc.get("fallback", True)),
             models_tried=tuple(doc.get("models_tried") or ()),
+            priority=str(doc.get("priority") or "interactive"),
+            weight=float(doc.get("weight") or 1.0),
             usage=dict(doc["usage"]) if doc.get("usage") else None,
         )
 

@@ -108,6 +108,8 @@ class JobManager:
         tier: str = "standard",
         deadline: datetime | None = None,
         fallback: bool = True,
+        priority: str = "interactive",
+        weight: float = 1.0,
     ) -> Job:
         """A pending job, stamped with its creation, expiry and sweep times (a new id if none)."""
         now = self._clock()
@@ -128,6 +130,8 @@ class JobManager:
             tier=tier,
             deadline=deadline,
             fallback=fallback,
+            priority=priority,
+            weight=weight,
         )
 
     async def get(self, job_id: str) -> Job | None:

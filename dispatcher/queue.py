@@ -23,6 +23,7 @@ from typing import Protocol
 
 from dispatcher.errors import Overloaded
 from dispatcher.executor import JobExecutor, RunResult
+from dispatcher.fairness import FairQueue, Share, share_of
 from dispatcher.jobs import Job
 from dispatcher.regions import RegionPool
 
@@ -94,7 +95,8 @@ class InProcessQueue:
         self._regions = regions
         self._max_pending = max_pending
         self._max_runs = max_runs
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        # Queued jobs start in fair order between callers (interactive first), not FIFO.
+        self._queue = FairQueue()
         self._admitted = 0
         self._runs: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()
@@ -128,12 +130,12 @@ class InProcessQueue:
 
     async def dispatch(self, job: Job) -> None:
         """Queue an admitted job."""
-        self._queue.put_nowait(job.job_id)
+        self._queue.put_nowait(job.job_id, share_of(job))
 
     async def redispatch(self, job: Job) -> None:
         """Queue a job found by the recovery sweep (not admitted through the ingress)."""
         self._admitted += 1
-        self._queue.put_nowait(job.job_id)
+        self._queue.put_nowait(job.job_id, share_of(job))
 
     async def start(self) -> None:
         """Start the pump that turns queued ids into runs."""
@@ -162,12 +164,12 @@ class InProcessQueue:
 
     async def _pump(self) -> None:
         while True:
-            job_id = await self._queue.get()
+            job_id, share = await self._queue.get()
             while not self.has_room():
                 self._room.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._room.wait(), PUMP_RECHECK_S)
-            task = asyncio.create_task(self._run(job_id))
+            task = asyncio.create_task(self._run(job_id, share))
             self._runs.add(task)
             task.add_done_callback(self._run_ended)
 
@@ -175,30 +177,30 @@ class InProcessQueue:
         self._runs.discard(task)
         self._room.set()
 
-    async def _run(self, job_id: str) -> None:
+    async def _run(self, job_id: str, share: Share) -> None:
         requeued = False
         try:
             outcome = await self._executor.run(job_id)
             if outcome.result is RunResult.RETRY:
-                self._requeue_later(job_id, outcome.retry_after_s)
+                self._requeue_later(job_id, share, outcome.retry_after_s)
                 requeued = True
         except asyncio.CancelledError:
             raise
         except Exception:
             # The store was unreachable, or something unforeseen: keep the job.
             log.exception("run failed; requeueing", extra={"job_id": job_id})
-            self._requeue_later(job_id, 1.0)
+            self._requeue_later(job_id, share, 1.0)
             requeued = True
         finally:
             if not requeued:
                 self._admitted = max(0, self._admitted - 1)
 
-    def _requeue_later(self, job_id: str, delay_s: float) -> None:
+    def _requeue_later(self, job_id: str, share: Share, delay_s: float) -> None:
         loop = asyncio.get_running_loop()
 
         def put_back() -> None:
             self._timers.discard(timer)
-            self._queue.put_nowait(job_id)
+            self._queue.put_nowait(job_id, share)
 
         timer = loop.call_later(delay_s, put_back)
         self._timers.add(timer)

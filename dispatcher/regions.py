@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dispatcher.errors import RegionsBusy
+from dispatcher.fairness import DEFAULT_SHARE, FairClock, Share
 from dispatcher.settings import DEFAULTS, Settings
 from dispatcher.settings import RegionStrategy as RegionStrategy  # declared with its setting
 
@@ -164,6 +165,8 @@ class RegionPool:
         # task one loop iteration at a time, which stalled releases for ~0.3 s while
         # the loop was busy accepting submissions.
         self._waiters: list[_Waiter] = []
+        self._waiter_seq = 0
+        self._fair = FairClock()  # the order of waiting calls between callers
         self._listener: Callable[[str, RegionEvent], None] | None = None
         self._refusal_s = 0.0  # the slowest recent 429 answer, decaying
 
@@ -271,6 +274,7 @@ class RegionPool:
         *,
         avoid: Sequence[str] = (),
         deadline_s: float | None = None,
+        share: Share = DEFAULT_SHARE,
     ) -> Slot:
         """A slot in the first usable region of `candidates`, waiting for one if need be.
 
@@ -285,6 +289,7 @@ class RegionPool:
             candidates: Regions in order of preference.
             avoid: Regions to pass over while another is usable.
             deadline_s: How long the caller may wait at most (None: until a slot frees).
+            share: Whose call it is: the order in which waiting calls get slots.
 
         Raises:
             RegionsBusy: the deadline passed while every candidate was full.
@@ -313,16 +318,17 @@ class RegionPool:
             wake_at = min(give_up_at, probe_at if not healthy else math.inf)
             reopen = self._next_reopen(candidates)
             wake_in = min(wake_at - now, reopen if reopen is not None else math.inf)
-            slot = await self._wait(candidates, avoid, max(min(wake_in, IDLE_WAKE_S), 0.001))
+            slot = await self._wait(candidates, avoid, max(min(wake_in, IDLE_WAKE_S), 0.001), share)
             if slot is not None:
                 return slot
 
     async def _wait(
-        self, candidates: Sequence[str], avoid: Sequence[str], timeout_s: float
+        self, candidates: Sequence[str], avoid: Sequence[str], timeout_s: float, share: Share
     ) -> Slot | None:
         """A slot handed over by a release, or None when woken to look again."""
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(loop.create_future(), candidates, avoid)
+        self._waiter_seq += 1
+        waiter = _Waiter(loop.create_future(), candidates, avoid, share, self._waiter_seq)
         self._waiters.append(waiter)
         timer = loop.call_later(timeout_s, _resolve, waiter.future, None)
         try:
@@ -339,7 +345,8 @@ class RegionPool:
                 self._waiters.remove(waiter)
 
     def _hand_over(self, *, wake_the_rest: bool) -> None:
-        """Give usable slots to waiting calls, oldest first; wake the rest if asked.
+        """Give usable slots to waiting calls in their fair order (`Share`); wake the
+        rest if asked.
 
         Waking makes a call recompute how long to wait (a breaker that opened
         changes when a region comes back), and force a probe once it is due.
@@ -348,16 +355,22 @@ class RegionPool:
             return
         waiting = self._waiters
         self._waiters = []
+        if len({w.share for w in waiting}) > 1:
+            waiting.sort(key=self._fair_order)
         for waiter in waiting:
             if waiter.future.done():
                 continue
             slot = self._try_take(waiter.candidates, waiter.avoid)
             if slot is not None:
+                self._fair.served(waiter.share)
                 waiter.future.set_result(slot)
             elif wake_the_rest:
                 waiter.future.set_result(None)
             else:
                 self._waiters.append(waiter)
+
+    def _fair_order(self, waiter: _Waiter) -> tuple[bool, float, int]:
+        return (*self._fair.order(waiter.share), waiter.seq)
 
     def _free(self, slot: Slot) -> RegionState:
         """Take the slot off its region's calls in flight (and end its probe)."""
@@ -531,6 +544,8 @@ class _Waiter:
     future: asyncio.Future[Slot | None]
     candidates: Sequence[str]
     avoid: Sequence[str]
+    share: Share = DEFAULT_SHARE
+    seq: int = 0
 
 
 def _resolve(future: asyncio.Future[Slot | None], slot: Slot | None) -> None:

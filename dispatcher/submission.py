@@ -161,6 +161,8 @@ class Submitter:
             tier=tier.value,
             deadline=submission.deadline,
             fallback=submission.fallback,
+            priority=policy.priority.value,
+            weight=policy.weight,
         )
         try:
             await self._manager.store.create(job)

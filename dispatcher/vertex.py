@@ -31,6 +31,7 @@ from tenacity import (
 from yarl import URL
 
 from dispatcher.errors import DispatcherError, RegionsBusy
+from dispatcher.fairness import DEFAULT_SHARE, Share
 from dispatcher.jobs import JobError, JsonObject
 from dispatcher.metrics import UPSTREAM_CALLS, UPSTREAM_LATENCY
 from dispatcher.regions import Outcome, RegionPool
@@ -212,6 +213,7 @@ class VertexClient:
         tried: list[str] | None = None,
         tier: Tier = Tier.STANDARD,
         budget_s: float | None = None,
+        share: Share = DEFAULT_SHARE,
     ) -> CallReport:
         """Call generateContent, retrying transient failures in the next healthy region.
 
@@ -224,6 +226,7 @@ class VertexClient:
                 so a caller that is cancelled mid-way still knows what was spent.
             tier: The consumption tier: the headers sent and the lanes learned.
             budget_s: At most this long in all (a deadline), under the policy's budget.
+            share: Whose call it is (the fair order of calls waiting for a slot).
 
         Returns:
             The report: the response, or the last error, and every lane called.
@@ -239,7 +242,7 @@ class VertexClient:
         )
         give_up_at = started + budget_s
         try:
-            response = await self._call_once(model, request, order, tried, give_up_at)
+            response = await self._call_once(model, request, order, tried, give_up_at, share)
             return CallReport(regions=tuple(tried), response=response)
         except VertexError as exc:
             if not exc.transient or self._policy.max_retries == 0:
@@ -269,7 +272,9 @@ class VertexClient:
                 with attempt:
                     if attempt.retry_state.attempt_number == 1:
                         raise first_failure
-                    response = await self._call_once(model, request, order, tried, give_up_at)
+                    response = await self._call_once(
+                        model, request, order, tried, give_up_at, share
+                    )
                     return CallReport(regions=tuple(tried), response=response)
         except VertexError as exc:
             return CallReport(regions=tuple(tried), error=exc)
@@ -282,11 +287,15 @@ class VertexClient:
         order: Sequence[str],
         tried: list[str],
         give_up_at: float,
+        share: Share,
     ) -> JsonObject:
         remaining_s = give_up_at - time.monotonic()
         try:
             slot = await self._pool.acquire(
-                order, avoid=tried, deadline_s=None if math.isinf(remaining_s) else remaining_s
+                order,
+                avoid=tried,
+                deadline_s=None if math.isinf(remaining_s) else remaining_s,
+                share=share,
             )
         except RegionsBusy as exc:
             # No call was made: a transient failure, so the job is given back for later.
