@@ -626,8 +626,9 @@ class Settings:
         default=None,
         metadata=_declare(
             "API_KEYS_FILE",
-            "ingress: `name:sha256hex` lines, read at start-up; turns on API keys and "
-            "per-caller job isolation",
+            "ingress: `name:sha256hex` lines (each may add its key's policy words), read at "
+            "start-up and again when it changes or on SIGHUP; turns on API keys, per-caller "
+            "job isolation and key policies",
         ),
     )
     price_table_file: str | None = field(
