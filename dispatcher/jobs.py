@@ -76,6 +76,7 @@ class Job:
         priority: The key's class (`interactive` or `batch`): batch calls wait for
             region slots behind interactive ones.
         weight: The key's weight in the fair share of region slots.
+        event_pending: Final, and its completion event not yet published (RESULTS_TOPIC).
         usage: Vertex's `usageMetadata` of the answer (tokens, `trafficType`).
     """
 
@@ -108,6 +109,7 @@ class Job:
     usage: JsonObject | None = None
     priority: str = "interactive"
     weight: float = 1.0
+    event_pending: bool = False
 
     def to_doc(self) -> JsonObject:
         """The job as a plain mapping for a store; `request`/`result` stay JSON objects."""
@@ -140,6 +142,7 @@ class Job:
             "models_tried": list(self.models_tried),
             "priority": self.priority,
             "weight": self.weight,
+            "event_pending": self.event_pending,
             "usage": self.usage,
         }
 
@@ -176,6 +179,7 @@ class Job:
             models_tried=tuple(doc.get("models_tried") or ()),
             priority=str(doc.get("priority") or "interactive"),
             weight=float(doc.get("weight") or 1.0),
+            event_pending=bool(doc.get("event_pending", False)),
             usage=dict(doc["usage"]) if doc.get("usage") else None,
         )
 

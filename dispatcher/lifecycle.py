@@ -52,12 +52,17 @@ class Lifecycle:
         publish_grace_s: How long a pending job may wait before the sweep re-dispatches it.
         max_delivery_attempts: Deliveries after which a job that still fails
             transiently is failed for good.
+        completion_events: Whether a job that becomes final owes a completion event
+            (RESULTS_TOPIC): it is then marked `event_pending`, with a sweep time, in the
+            same write, so the event is published at least once even if the process
+            dies before it publishes (the recovery sweep does it then).
     """
 
     lease_s: float
     job_ttl_s: float
     publish_grace_s: float
     max_delivery_attempts: int
+    completion_events: bool = False
 
     def out_of_deliveries(self, deliveries: int) -> bool:
         """Whether a job delivered this many times gets no further delivery: the one
@@ -144,17 +149,19 @@ class JobManager:
         A conflicting write may run the change several times; the verdict kept is the
         one of the run that committed, the last.
         """
-        wrote = False
+        wrote = finished = False
 
         def tracked(job: Job) -> Job | None:
-            nonlocal wrote
+            nonlocal wrote, finished
             changed = change(job)
             wrote = changed is not None
+            # Only the write that makes a job final announces it (not, say, event_sent).
+            finished = wrote and not job.status.is_terminal
             return changed
 
         job = await self.store.update(job_id, tracked)
         wrote = wrote and job is not None
-        if wrote:
+        if wrote and finished:
             self._announce(job)
         return job, wrote
 
@@ -250,7 +257,7 @@ class JobManager:
         def abandon(job: Job) -> Job | None:
             if job.status is not JobStatus.PENDING:
                 return None
-            return _terminal(job, JobStatus.FAILED, now, result=None, error=error)
+            return _terminal(job, JobStatus.FAILED, now, result=None, error=error, rules=self.rules)
 
         job, wrote = await self._apply(job_id, abandon)
         return job if wrote else None
@@ -267,7 +274,9 @@ class JobManager:
         def stop(job: Job) -> Job | None:
             if job.status is not JobStatus.PENDING:
                 return None
-            return _terminal(job, JobStatus.CANCELLED, now, result=None, error=None)
+            return _terminal(
+                job, JobStatus.CANCELLED, now, result=None, error=None, rules=self.rules
+            )
 
         return await self._apply(job_id, stop)
 
@@ -280,7 +289,7 @@ class JobManager:
                 return None
             if job.status is JobStatus.RUNNING and job.lease_until and job.lease_until > now:
                 return None
-            return _terminal(job, JobStatus.FAILED, now, result=None, error=error)
+            return _terminal(job, JobStatus.FAILED, now, result=None, error=error, rules=self.rules)
 
         job, wrote = await self._apply(job_id, abandon)
         return job if wrote else None
@@ -295,12 +304,23 @@ class JobManager:
         next_sweep = now + timedelta(seconds=self.rules.publish_grace_s)
 
         def bump(job: Job) -> Job | None:
-            if job.status.is_terminal or job.sweep_at != seen_sweep_at:
+            owed = job.status.is_terminal and job.event_pending  # its event, not the job
+            if (job.status.is_terminal and not owed) or job.sweep_at != seen_sweep_at:
                 return None
             return replace(job, sweep_at=next_sweep)
 
         _, wrote = await self._apply(job_id, bump)
         return wrote
+
+    async def event_sent(self, job_id: str) -> None:
+        """Record that the job's completion event was published (idempotent)."""
+
+        def sent(job: Job) -> Job | None:
+            if not job.event_pending:
+                return None
+            return replace(job, event_pending=False, sweep_at=None)
+
+        await self._apply(job_id, sent)
 
     async def due(self, limit: int) -> list[Job]:
         """Unfinished jobs whose sweep time has passed."""
@@ -321,7 +341,9 @@ class JobManager:
         def finish(job: Job) -> Job | None:
             if not _holds(job, token):
                 return None
-            return _terminal(progress.apply(job), status, now, result=result, error=error)
+            return _terminal(
+                progress.apply(job), status, now, result=result, error=error, rules=self.rules
+            )
 
         job, wrote = await self._apply(job_id, finish)
         return job if wrote else None
@@ -356,8 +378,15 @@ def _holds(job: Job, token: str) -> bool:
 
 
 def _terminal(
-    job: Job, status: JobStatus, now: datetime, *, result: JsonObject | None, error: JobError | None
+    job: Job,
+    status: JobStatus,
+    now: datetime,
+    *,
+    result: JsonObject | None,
+    error: JobError | None,
+    rules: Lifecycle,
 ) -> Job:
+    events = rules.completion_events
     return replace(
         job,
         status=status,
@@ -365,6 +394,8 @@ def _terminal(
         error=error,
         lease_owner=None,
         lease_until=None,
-        sweep_at=None,
+        # With completion events, the sweep looks again if the event is not sent by then.
+        sweep_at=now + timedelta(seconds=rules.publish_grace_s) if events else None,
+        event_pending=events,
         updated_at=now,
     )

@@ -70,11 +70,14 @@ class MemoryJobStore:
         return changed
 
     async def due(self, now: datetime, limit: int) -> list[Job]:
-        """Unfinished jobs whose sweep time has passed, oldest sweep time first."""
+        """Jobs whose sweep time has passed (unfinished, or final with an event owed),
+        oldest sweep time first."""
         due = [
             job
             for job in self._jobs.values()
-            if job.sweep_at is not None and job.sweep_at <= now and not job.status.is_terminal
+            if job.sweep_at is not None
+            and job.sweep_at <= now
+            and (not job.status.is_terminal or job.event_pending)
         ]
         due.sort(key=lambda job: job.sweep_at or now)
         return due[:limit]

@@ -1,5 +1,8 @@
 """Pub/Sub: every Pub/Sub call of the project is in this file.
 
+Two topics: the jobs' (`PUBSUB_TOPIC`, mode 3) and, optionally, the completion events'
+(`RESULTS_TOPIC`, any mode).
+
 The ingress publishes one small message per job (`{"job_id": ...}`, the id also
 as an attribute); the request itself stays in Firestore, so a message is far
 below Pub/Sub's 10 MB limit and a republish by the recovery sweep needs nothing
@@ -13,6 +16,7 @@ import asyncio
 import base64
 import binascii
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +62,34 @@ class PubSubQueue:
 
     async def start(self) -> None:
         """Nothing to start: the client connects on first publish."""
+
+    async def close(self) -> None:
+        """Flush pending publishes and stop the client's threads."""
+        await asyncio.to_thread(self._client.stop)
+
+
+class TopicPublisher:
+    """Publishes messages to one topic (the completion events of RESULTS_TOPIC)."""
+
+    def __init__(self, *, project: str, topic: str, timeout_s: float = 30.0) -> None:
+        self._client = pubsub_v1.PublisherClient(
+            batch_settings=pubsub_v1.types.BatchSettings(max_latency=0.01)
+        )
+        self._topic = self._client.topic_path(project, topic)
+        self._timeout_s = timeout_s
+
+    async def publish(self, data: bytes, attributes: Mapping[str, str]) -> None:
+        """Publish one message and wait for Pub/Sub to accept it.
+
+        Raises:
+            PublishFailed: it was not accepted.
+        """
+        try:
+            future = self._client.publish(self._topic, data, **attributes)
+            async with asyncio.timeout(self._timeout_s):
+                await asyncio.wrap_future(future)
+        except (google_exceptions.GoogleAPIError, TimeoutError) as exc:
+            raise PublishFailed(f"could not publish to {self._topic}: {exc!r}") from exc
 
     async def close(self) -> None:
         """Flush pending publishes and stop the client's threads."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 
 from dispatcher.cache import FinishedJobCache
+from dispatcher.events import CompletionEvents
 from dispatcher.executor import JobExecutor
 from dispatcher.lifecycle import JobManager, Lifecycle
 from dispatcher.memory_store import MemoryJobStore
@@ -68,6 +69,28 @@ def build_store(settings: Settings) -> JobStore:
 
 
 @contextlib.asynccontextmanager
+async def completion_events(
+    settings: Settings, manager: JobManager
+) -> AsyncIterator[CompletionEvents | None]:
+    """With RESULTS_TOPIC, the completion events, listening to the manager; else None."""
+    if settings.results_topic is None:
+        yield None
+        return
+    from dispatcher.pubsub import TopicPublisher
+
+    events = CompletionEvents(
+        manager,
+        TopicPublisher(project=settings.project, topic=settings.results_topic),
+        max_result_bytes=settings.results_event_result_bytes,
+    )
+    manager.on_finished(events.job_finished)
+    try:
+        yield events
+    finally:
+        await events.close()
+
+
+@contextlib.asynccontextmanager
 async def open_runtime(settings: Settings, *, executes: bool) -> AsyncIterator[Runtime]:
     """Create the parts, start the background work, and close it all on exit.
 
@@ -80,7 +103,14 @@ async def open_runtime(settings: Settings, *, executes: bool) -> AsyncIterator[R
     async with contextlib.AsyncExitStack() as resources:
         store = build_store(settings)
         resources.push_async_callback(store.close)
-        manager = JobManager(store, Lifecycle(**settings.values_for(Lifecycle)))
+        manager = JobManager(
+            store,
+            Lifecycle(
+                **settings.values_for(Lifecycle),
+                completion_events=settings.results_topic is not None,
+            ),
+        )
+        events = await resources.enter_async_context(completion_events(settings, manager))
         pool = RegionPool(PoolConfig.from_settings(settings))
         executor: JobExecutor | None = None
         queue: JobQueue | None = None
@@ -134,11 +164,7 @@ async def open_runtime(settings: Settings, *, executes: bool) -> AsyncIterator[R
             assert settings.pubsub_topic is not None
             pubsub = PubSubQueue(project=settings.project, topic=settings.pubsub_topic)
             queue = pubsub
-            sweeper = Sweeper(
-                manager,
-                pubsub,
-                interval_s=settings.sweep_interval_s,
-            )
+            sweeper = Sweeper(manager, pubsub, interval_s=settings.sweep_interval_s, events=events)
         elif executor is not None:
             in_process = InProcessQueue(
                 executor,
@@ -150,9 +176,7 @@ async def open_runtime(settings: Settings, *, executes: bool) -> AsyncIterator[R
             queue = in_process
             if settings.mode is Mode.FIRESTORE:
                 sweeper = Sweeper(
-                    manager,
-                    in_process,
-                    interval_s=settings.sweep_interval_s,
+                    manager, in_process, interval_s=settings.sweep_interval_s, events=events
                 )
         manager.on_finished(lambda job: JOBS.labels(job.status.value).inc())
         watcher = JobWatcher(manager, interval_s=WATCH_INTERVAL_S)

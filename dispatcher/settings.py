@@ -354,6 +354,25 @@ class Settings:
             _matching(_TOPIC, "{raw!r} is not a topic id"),
         ),
     )
+    results_topic: str | None = field(
+        default=None,
+        metadata=_declare(
+            "RESULTS_TOPIC",
+            "topic id in `GOOGLE_CLOUD_PROJECT`: every job that becomes final publishes a "
+            "completion event there (at least once; both services)",
+            _matching(_TOPIC, "{raw!r} is not a topic id"),
+        ),
+    )
+    results_event_result_bytes: int = field(
+        default=0,
+        metadata=_integer(
+            "RESULTS_EVENT_RESULT_BYTES",
+            "a completion event carries the response body when its JSON is at most this "
+            "many bytes (0: never)",
+            low=0,
+            high=9_000_000,
+        ),
+    )
     vertex_api_endpoint: str | None = field(
         default=None,
         metadata=_declare(

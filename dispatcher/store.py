@@ -82,7 +82,8 @@ class JobStore(Protocol):
         ...
 
     async def due(self, now: datetime, limit: int) -> list[Job]:
-        """Unfinished jobs whose `sweep_at` has passed, oldest first, at most `limit`.
+        """Jobs whose `sweep_at` has passed, oldest first, at most `limit`: unfinished
+        ones, and final ones whose completion event is still owed.
 
         Raises:
             StoreUnavailable: the store could not be reached.

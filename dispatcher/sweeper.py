@@ -5,7 +5,8 @@ lost (the ingress died between writing and publishing, or Pub/Sub refused), or
 its executor died holding the lease. Every process with a shared store sweeps
 now and then; a conditional write (`postpone_sweep`) lets exactly one of them
 re-dispatch each such job. A job that has used up its deliveries is failed with
-its last error instead.
+its last error instead. A final job whose completion event is still owed
+(`events.py`) gets its event published.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 from typing import Protocol
 
 from dispatcher.background import BackgroundLoop
+from dispatcher.events import CompletionEvents
 from dispatcher.jobs import Job, JobError
 from dispatcher.lifecycle import JobManager
 
@@ -39,9 +41,11 @@ class Sweeper:
         *,
         interval_s: float,
         batch: int = 200,
+        events: CompletionEvents | None = None,
     ) -> None:
         self._manager = manager
         self._queue = queue
+        self._events = events
         self._interval_s = interval_s
         self._batch = batch
         self._sweeps = BackgroundLoop("sweeper", self._loop)
@@ -50,6 +54,15 @@ class Sweeper:
         """One pass; returns how many jobs it acted on."""
         acted = 0
         for job in await self._manager.due(self._batch):
+            assert job.sweep_at is not None
+            if job.status.is_terminal:  # final, its completion event still owed
+                if (
+                    self._events is not None
+                    and await self._manager.postpone_sweep(job.job_id, job.sweep_at)
+                    and await self._events.send(job)
+                ):
+                    acted += 1
+                continue
             if self._manager.rules.out_of_deliveries(job.deliveries):
                 last = job.error or JobError(
                     code=503, status="UNAVAILABLE", message="executor lost while running"
@@ -62,7 +75,6 @@ class Sweeper:
                 if await self._manager.fail_unleased(job.job_id, error):
                     acted += 1
                 continue
-            assert job.sweep_at is not None
             if await self._manager.postpone_sweep(job.job_id, job.sweep_at):
                 log.warning(
                     "re-dispatching a stranded job",

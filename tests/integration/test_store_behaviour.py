@@ -387,3 +387,42 @@ async def test_count_by_status_counts_the_owners_jobs(
     assert counts == {**dict.fromkeys(JobStatus, 0), JobStatus.PENDING: 3, JobStatus.SUCCEEDED: 2}
     since = await store.count_by_status("alice", jobs[2].created_at)
     assert (since[JobStatus.PENDING], since[JobStatus.SUCCEEDED]) == (2, 1)
+
+
+# --- The completion events' outbox ----------------------------------------------------
+
+
+async def test_a_final_job_owes_its_event_until_it_is_sent(
+    store: JobStore, job_factory: Callable[..., Job], clock: Clock
+) -> None:
+    """With completion events on, the write that makes a job final marks its event owed
+    with a sweep time; the job is due once that passes, exactly one sweeper can take it
+    (postpone_sweep), and event_sent clears the mark so it is never due again."""
+    rules = Lifecycle(
+        lease_s=30,
+        job_ttl_s=3600,
+        publish_grace_s=60,
+        max_delivery_attempts=5,
+        completion_events=True,
+    )
+    manager = JobManager(store, rules, clock=clock)
+    job = job_factory()
+    await store.create(job)
+    claim = await manager.claim(job.job_id)
+    assert claim.lease_token is not None
+    done = await manager.succeed(
+        job.job_id, claim.lease_token, result={"ok": True}, progress=Progress()
+    )
+    assert done is not None and done.event_pending and done.sweep_at is not None
+    assert await manager.due(10) == []
+    clock.advance(61)
+    [owed] = await manager.due(10)
+    assert owed.job_id == job.job_id and owed.status is JobStatus.SUCCEEDED
+    assert owed.sweep_at is not None
+    assert await manager.postpone_sweep(job.job_id, owed.sweep_at)
+    assert not await manager.postpone_sweep(job.job_id, owed.sweep_at)
+    await manager.event_sent(job.job_id)
+    clock.advance(3600)
+    assert await manager.due(10) == []
+    final = await store.get(job.job_id)
+    assert final is not None and not final.event_pending and final.sweep_at is None
