@@ -231,6 +231,7 @@ def tiers_chart(results: Results, charts: Path, plt: Any) -> str:
             va="bottom",
             fontsize=8,
         )
+    costs.set_ylim(0, max(bottoms, default=0.0) * 1.15 or 1.0)  # room for the labels
     costs.set_ylabel("USD per 1,000 jobs")
     costs.set_title("cost by billed rate (label: share answered before the deadline)", fontsize=9)
     costs.legend(fontsize=7)
@@ -740,10 +741,11 @@ def render_tiers(results: Results, charts: list[str]) -> list[str]:
     """Section 6: cost under deadline, each variant's figures beside the construction."""
     scenario = results.tier_scenario
     took = f", took {results.duration_s / 60:.1f} min" if results.duration_s else ""
+    command = f"{COMMAND} -k tiers" if results.only_tiers() else COMMAND
     lines = [
         TIERS_HEADING,
         "",
-        f"Ran {results.started:%Y-%m-%d %H:%M} UTC on {machine()}, `{COMMAND} -k tiers` "
+        f"Ran {results.started:%Y-%m-%d %H:%M} UTC on {machine()}, `{command}` "
         f"(commit {git_revision()}, load average before {results.load_before}{took}); mode 1,",
         "one ingress; every variant on a fresh stack (limits and the `auto` rule's p95 learnt",
         "from nothing). Mode 3 is not run: the tier of each call is chosen by the same",
