@@ -298,7 +298,8 @@ app_env=(
   "PUBSUB_TOPIC=$PUBSUB_TOPIC"
   "LOG_LEVEL=$LOG_LEVEL"
 )
-for name in VERTEX_MAX_RETRIES VERTEX_BACKOFF_INITIAL_S VERTEX_BACKOFF_MAX_S VERTEX_TIMEOUT_S JOB_TTL_S; do
+for name in VERTEX_MAX_RETRIES VERTEX_BACKOFF_INITIAL_S VERTEX_BACKOFF_MAX_S VERTEX_TIMEOUT_S JOB_TTL_S \
+  RESULTS_TOPIC; do
   if [[ -n ${!name} ]]; then app_env+=("$name=${!name}"); fi
 done
 # The worker's push settings must match the subscription created below.
@@ -357,6 +358,20 @@ for email in "$INGRESS_SA_EMAIL" "$WORKER_SA_EMAIL"; do
     --member="serviceAccount:$email" --role=roles/pubsub.publisher \
     --project="$PROJECT_ID" --format=none
 done
+# Completion events (RESULTS_TOPIC, optional): both services publish them (the worker
+# for the jobs it finishes, the ingress for cancellations and the sweep).
+if [[ -n $RESULTS_TOPIC ]]; then
+  if exists gcloud pubsub topics describe "$RESULTS_TOPIC" --project="$PROJECT_ID"; then
+    log "topic $RESULTS_TOPIC exists"
+  else
+    run gcloud pubsub topics create "$RESULTS_TOPIC" --project="$PROJECT_ID"
+  fi
+  for email in "$INGRESS_SA_EMAIL" "$WORKER_SA_EMAIL"; do
+    run_retrying gcloud pubsub topics add-iam-policy-binding "$RESULTS_TOPIC" \
+      --member="serviceAccount:$email" --role=roles/pubsub.publisher \
+      --project="$PROJECT_ID" --format=none
+  done
+fi
 # Dead-lettering is done by Pub/Sub's service agent: it publishes to the
 # dead-letter topic and acknowledges on the source subscription.
 # https://cloud.google.com/pubsub/docs/handling-failures#grant_forwarding_permissions

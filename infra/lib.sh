@@ -264,7 +264,7 @@ DEPLOY_SETTINGS=(
   FIRESTORE_DATABASE FIRESTORE_LOCATION FIRESTORE_COLLECTION
   ARTIFACT_REPOSITORY IMAGE_TAG
   INGRESS_SERVICE WORKER_SERVICE INGRESS_SA WORKER_SA INVOKER_SA
-  PUBSUB_TOPIC PUSH_SUBSCRIPTION DEAD_LETTER_TOPIC DEAD_LETTER_SUBSCRIPTION
+  PUBSUB_TOPIC PUSH_SUBSCRIPTION DEAD_LETTER_TOPIC DEAD_LETTER_SUBSCRIPTION RESULTS_TOPIC
   ACK_DEADLINE_S MAX_DELIVERY_ATTEMPTS MIN_RETRY_DELAY MAX_RETRY_DELAY PUSH_AUDIENCE
   WORKER_TIMEOUT_S WORKER_CONCURRENCY WORKER_MIN_INSTANCES WORKER_MAX_INSTANCES
   WORKER_CPU WORKER_MEMORY WORKER_CPU_THROTTLING WORKER_INGRESS
@@ -296,6 +296,7 @@ load_deploy_config() {
   : "${PUSH_SUBSCRIPTION:=$PUBSUB_TOPIC-push}"
   : "${DEAD_LETTER_TOPIC:=$PUBSUB_TOPIC-dead-letter}"
   : "${DEAD_LETTER_SUBSCRIPTION:=$DEAD_LETTER_TOPIC-sub}"
+  : "${RESULTS_TOPIC:=}"
   : "${ACK_DEADLINE_S:=600}"
   : "${MAX_DELIVERY_ATTEMPTS:=5}"
   : "${MIN_RETRY_DELAY:=10s}"
@@ -345,6 +346,9 @@ check_names() {
   for name in PUBSUB_TOPIC PUSH_SUBSCRIPTION DEAD_LETTER_TOPIC DEAD_LETTER_SUBSCRIPTION; do
     check_match "$name" '^[A-Za-z][A-Za-z0-9._~%+-]{2,254}$' 'a Pub/Sub name (3-255 characters, starting with a letter)' || problems=1
   done
+  if [[ -n $RESULTS_TOPIC ]]; then
+    check_match RESULTS_TOPIC '^[A-Za-z][A-Za-z0-9._~%+-]{2,254}$' 'a Pub/Sub name (3-255 characters, starting with a letter)' || problems=1
+  fi
   check_match ARTIFACT_REPOSITORY '^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$' 'a repository name (a-z 0-9 -)' || problems=1
   check_match FIRESTORE_DATABASE '^(\(default\)|[a-z][a-z0-9-]{2,61}[a-z0-9])$' 'a database id (4-63 of a-z 0-9 -) or (default)' || problems=1
   return "$problems"

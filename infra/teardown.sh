@@ -76,7 +76,8 @@ delete_if_present "service $WORKER_SERVICE" run services describe "$WORKER_SERVI
   -- run services delete "$WORKER_SERVICE" "${region[@]}"
 delete_if_present "subscription $DEAD_LETTER_SUBSCRIPTION" pubsub subscriptions describe "$DEAD_LETTER_SUBSCRIPTION" "${project[@]}" \
   -- pubsub subscriptions delete "$DEAD_LETTER_SUBSCRIPTION" "${project[@]}"
-for topic in "$PUBSUB_TOPIC" "$DEAD_LETTER_TOPIC"; do
+# The results topic too (not its subscriptions: they are the consumers' own).
+for topic in "$PUBSUB_TOPIC" "$DEAD_LETTER_TOPIC" ${RESULTS_TOPIC:+"$RESULTS_TOPIC"}; do
   delete_if_present "topic $topic" pubsub topics describe "$topic" "${project[@]}" \
     -- pubsub topics delete "$topic" "${project[@]}"
 done

@@ -308,6 +308,22 @@ def test_dry_run_creates_firestore_database_and_ttl(dry_run: Callable[..., Run])
         assert "enable-ttl" in flags(ttl)
 
 
+def test_dry_run_creates_the_results_topic_when_asked(dry_run: Callable[..., Run]) -> None:
+    """With RESULTS_TOPIC, the topic is created, both services may publish to it and get
+    it in their environment; without it, none of that."""
+    done = dry_run(RESULTS_TOPIC="job-results")
+    assert len(done.find("gcloud", "pubsub", "topics", "create", "job-results")) == 1
+    bindings = [
+        c
+        for c in done.commands
+        if c[:5] == ["gcloud", "pubsub", "topics", "add-iam-policy-binding", "job-results"]
+    ]
+    assert len(bindings) == 2
+    assert all(flags(c)["role"] == "roles/pubsub.publisher" for c in bindings)
+    without = dry_run()
+    assert not [c for c in without.commands if "job-results" in c]
+
+
 def test_dry_run_creates_the_listing_indexes(dry_run: Callable[..., Run]) -> None:
     """The two composite indexes GET /jobs and GET /usage query: (owner, created_at desc,
     job_id desc) and the same with status after owner, on the jobs collection."""
