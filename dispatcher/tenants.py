@@ -107,12 +107,16 @@ def parse_policy(words: list[str]) -> KeyPolicy:
         if attribute in values:
             raise ValueError(f"{name} appears twice")
         values[attribute] = _policy_value(name, value)
-    return KeyPolicy(**values)  # type: ignore[arg-type]  # each value checked by its name
+    policy = KeyPolicy(**values)  # type: ignore[arg-type]  # each value checked by its name
+    tiers = policy.tiers
+    if policy.default_tier and tiers is not None and policy.default_tier not in tiers:
+        raise ValueError(f"default_tier={policy.default_tier} is not one of its tiers")
+    return policy
 
 
 def _policy_value(name: str, value: str) -> object:
     if name in _COUNTS:
-        if not value.isdigit() or int(value) < 1:
+        if not (value.isascii() and value.isdigit()) or int(value) < 1:
             raise ValueError(f"{name}={value[:20]} is not a whole number >= 1")
         return int(value)
     if name == "weight":
@@ -166,12 +170,11 @@ class _Bucket:
     level: float
     at: float
 
-    def take(self, amount: float, now: float) -> float:
-        """Take `amount`; 0 if it was there, else the seconds until it would be."""
+    def wait_for(self, amount: float, now: float) -> float:
+        """Refill; 0 if `amount` is there (not taken), else the seconds until it would be."""
         self.level = min(self.per_minute, self.level + (now - self.at) * self.per_minute / 60)
         self.at = now
         if self.level >= amount:
-            self.level -= amount
             return 0.0
         return (amount - self.level) * 60 / self.per_minute
 
@@ -226,23 +229,8 @@ class TenantGate:
         Raises:
             KeyLimited: naming the limit, with when to come back.
         """
-        share = max(1, self.instances())
-        now = self.clock()
-        for limit, per_minute, amount in (
-            ("rpm", policy.rpm, 1.0),
-            ("tpm", policy.tpm, float(estimated_tokens)),
-        ):
-            if per_minute is None:
-                continue
-            bucket = self._bucket(name, limit, per_minute / share, now)
-            wait_s = bucket.take(min(amount, bucket.per_minute), now)
-            if wait_s > 0:
-                raise KeyLimited(
-                    f"API key {name} is over its {limit} limit of {per_minute} "
-                    f"({'requests' if limit == 'rpm' else 'tokens'} per minute)",
-                    limit=limit,
-                    retry_after_s=max(1, math.ceil(wait_s)),
-                )
+        # The store-backed limits first, then the rates: a refused request spends none
+        # of its rates, and both rates are taken or neither.
         if policy.max_unfinished is not None:
             unfinished = await self._cached(name, "unfinished", lambda: self.unfinished(name))
             if unfinished >= policy.max_unfinished:
@@ -253,6 +241,28 @@ class TenantGate:
                     retry_after_s=math.ceil(POLICY_CACHE_S),
                 )
         await self._check_budgets(name, policy)
+        share = max(1, self.instances())
+        now = self.clock()
+        takes: list[tuple[_Bucket, float]] = []
+        for limit, per_minute, amount in (
+            ("rpm", policy.rpm, 1.0),
+            ("tpm", policy.tpm, float(estimated_tokens)),
+        ):
+            if per_minute is None:
+                continue
+            bucket = self._bucket(name, limit, per_minute / share, now)
+            amount = min(amount, bucket.per_minute)  # a request bigger than a minute's worth
+            wait_s = bucket.wait_for(amount, now)
+            if wait_s > 0:
+                raise KeyLimited(
+                    f"API key {name} is over its {limit} limit of {per_minute} "
+                    f"({'requests' if limit == 'rpm' else 'tokens'} per minute)",
+                    limit=limit,
+                    retry_after_s=max(1, math.ceil(wait_s)),
+                )
+            takes.append((bucket, amount))
+        for bucket, amount in takes:
+            bucket.level -= amount
 
     async def _check_budgets(self, name: str, policy: KeyPolicy) -> None:
         now = self.wall_clock()
@@ -264,8 +274,10 @@ class TenantGate:
         ):
             if budget is None:
                 continue
+            # Keyed by the period's start, so a new day or month counts from zero at once.
+            period = f"{limit}@{start.isoformat()}"
             used = await self._cached(
-                name, limit, functools.partial(self.tokens_since, name, start)
+                name, period, functools.partial(self.tokens_since, name, start)
             )
             if used < budget:
                 continue
@@ -291,7 +303,7 @@ class TenantGate:
                 left[limit] = None
                 continue
             bucket = self._bucket(name, limit, per_minute / share, now)
-            bucket.take(0, now)
+            bucket.wait_for(0, now)
             left[limit] = round(bucket.level * share, 1)
         return left
 
