@@ -27,7 +27,15 @@ from dispatcher.metrics import COST, JOBS, TOKENS
 from dispatcher.pricing import RATE_OF_TRAFFIC, PriceTable
 from dispatcher.regions import pinned_region
 from dispatcher.settings import ModelConfig, Tier
-from dispatcher.tiers import GLOBAL, LatencyBook, auto_tier, check_tier, lane_parts, regions_for
+from dispatcher.tiers import (
+    GLOBAL,
+    LatencyBook,
+    auto_tier,
+    check_tier,
+    lane_parts,
+    regions_for,
+    standard_reserve_s,
+)
 from dispatcher.vertex import CallReport, VertexClient
 
 log = logging.getLogger(__name__)
@@ -257,8 +265,10 @@ class JobExecutor:
                     tried=tried,
                     share=share_of(job),
                     tier=Tier.FLEX,
-                    # Leave a standard call's time before the deadline.
-                    budget_s=None if time_left is None else time_left - standard_s,
+                    # Leave the standard reserve before the deadline.
+                    budget_s=None
+                    if time_left is None
+                    else time_left - standard_reserve_s(standard_s),
                 )
                 if report.response is not None or report.error is None:
                     return report

@@ -24,6 +24,7 @@ from dispatcher.tiers import (
     lane_parts,
     parse_tier,
     regions_for,
+    standard_reserve_s,
     tier_from_headers,
 )
 from dispatcher.validation import parse_deadline
@@ -78,9 +79,9 @@ def test_lane_round_trips(tier: Tier) -> None:
     [
         (None, 0, Tier.FLEX),
         (100.0, 0, Tier.FLEX),
-        (10.5, 0, Tier.FLEX),
-        (10.0, 0, Tier.STANDARD),
-        (3.0, 0, Tier.STANDARD),
+        (31.5, 0, Tier.FLEX),
+        (31.0, 0, Tier.STANDARD),
+        (10.5, 0, Tier.STANDARD),
         (100.0, FLEX_THROTTLES_BEFORE_STANDARD - 1, Tier.FLEX),
         (100.0, FLEX_THROTTLES_BEFORE_STANDARD, Tier.STANDARD),
         (None, FLEX_THROTTLES_BEFORE_STANDARD, Tier.STANDARD),
@@ -89,8 +90,10 @@ def test_lane_round_trips(tier: Tier) -> None:
 def test_auto_moves_to_standard_when_time_runs_short_or_flex_keeps_throttling(
     time_left_s: float | None, throttles: int, expected: Tier
 ) -> None:
-    """auto: flex while more time is left than a standard call's p95 (10 s here), and until
-    flex has throttled the job FLEX_THROTTLES_BEFORE_STANDARD times; standard after."""
+    """auto: flex while more time is left than the standard reserve (3 p95s + 1 s: 31 s
+    for a 10 s p95), and until flex has throttled the job FLEX_THROTTLES_BEFORE_STANDARD
+    times; standard after."""
+    assert standard_reserve_s(10.0) == 31.0
     chosen = auto_tier(time_left_s=time_left_s, standard_p95_s=10.0, flex_throttles=throttles)
     assert chosen is expected
 
