@@ -27,52 +27,14 @@ from dispatcher.errors import InvalidRequest, PublishFailed
 from dispatcher.jobs import Job, is_job_id
 
 
-class PubSubQueue:
-    """Publishes jobs to a topic; the push-subscribed worker executes them."""
+class TopicPublisher:
+    """Publishes messages to one topic (the jobs' and the completion events')."""
 
     def __init__(self, *, project: str, topic: str, timeout_s: float = 30.0) -> None:
         self._client = pubsub_v1.PublisherClient(
             # The default 10 ms: at 5 ms most batches held one message, each commit cost
             # a thread start and an RPC, and the accept path's p99 was no better (the
             # store's write decides it). Measured in BENCHMARKS.md (mode 3 accept path).
-            batch_settings=pubsub_v1.types.BatchSettings(max_latency=0.01)
-        )
-        self._topic = self._client.topic_path(project, topic)
-        self._timeout_s = timeout_s
-
-    def admit(self) -> None:
-        """Pub/Sub holds the backlog; nothing to reserve in this process."""
-
-    def cancel_admission(self) -> None:
-        """Nothing was reserved."""
-
-    async def dispatch(self, job: Job) -> None:
-        """Publish the job's id and wait for Pub/Sub to accept it."""
-        data = json.dumps({"job_id": job.job_id}).encode()
-        try:
-            future = self._client.publish(self._topic, data, job_id=job.job_id)
-            async with asyncio.timeout(self._timeout_s):
-                await asyncio.wrap_future(future)
-        except (google_exceptions.GoogleAPIError, TimeoutError) as exc:
-            raise PublishFailed(f"could not publish job {job.job_id}: {exc!r}") from exc
-
-    async def redispatch(self, job: Job) -> None:
-        """Publish again (the recovery sweep)."""
-        await self.dispatch(job)
-
-    async def start(self) -> None:
-        """Nothing to start: the client connects on first publish."""
-
-    async def close(self) -> None:
-        """Flush pending publishes and stop the client's threads."""
-        await asyncio.to_thread(self._client.stop)
-
-
-class TopicPublisher:
-    """Publishes messages to one topic (the completion events of RESULTS_TOPIC)."""
-
-    def __init__(self, *, project: str, topic: str, timeout_s: float = 30.0) -> None:
-        self._client = pubsub_v1.PublisherClient(
             batch_settings=pubsub_v1.types.BatchSettings(max_latency=0.01)
         )
         self._topic = self._client.topic_path(project, topic)
@@ -94,6 +56,39 @@ class TopicPublisher:
     async def close(self) -> None:
         """Flush pending publishes and stop the client's threads."""
         await asyncio.to_thread(self._client.stop)
+
+
+class PubSubQueue:
+    """Publishes jobs to a topic; the push-subscribed worker executes them."""
+
+    def __init__(self, *, project: str, topic: str, timeout_s: float = 30.0) -> None:
+        self._publisher = TopicPublisher(project=project, topic=topic, timeout_s=timeout_s)
+
+    def admit(self) -> None:
+        """Pub/Sub holds the backlog; nothing to reserve in this process."""
+
+    def cancel_admission(self) -> None:
+        """Nothing was reserved."""
+
+    async def dispatch(self, job: Job) -> None:
+        """Publish the job's id and wait for Pub/Sub to accept it.
+
+        Raises:
+            PublishFailed: it was not accepted.
+        """
+        data = json.dumps({"job_id": job.job_id}).encode()
+        await self._publisher.publish(data, {"job_id": job.job_id})
+
+    async def redispatch(self, job: Job) -> None:
+        """Publish again (the recovery sweep)."""
+        await self.dispatch(job)
+
+    async def start(self) -> None:
+        """Nothing to start: the client connects on first publish."""
+
+    async def close(self) -> None:
+        """Flush pending publishes and stop the client's threads."""
+        await self._publisher.close()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
