@@ -35,7 +35,7 @@ def test_submit_poll_succeeds_with_the_stand_in_text(
     response = stack.submit(prompt(text))
     assert response.status_code == 202
     accepted = response.json()
-    assert set(accepted) == {"job_id", "status", "model", "region"}
+    assert set(accepted) == {"job_id", "status", "model", "region", "tier"}
     assert accepted["status"] == "pending"
     assert accepted["model"] == MODEL
     assert accepted["region"] in REGIONS
