@@ -76,9 +76,20 @@ class FirestoreJobStore:
         """A store with its own client (honours FIRESTORE_EMULATOR_HOST)."""
         return cls(firestore.AsyncClient(project=project, database=database), collection)
 
-    def region_board_store(self, ttl_s: float) -> FirestoreRegionBoardStore:
-        """The shared region records beside this collection, on the same client."""
-        return FirestoreRegionBoardStore(self._client, self._collection.id, ttl_s)
+    def region_board_store(
+        self, ttl_s: float, *, instances: str = "instances"
+    ) -> FirestoreRegionBoardStore:
+        """The shared region records beside this collection, on the same client.
+
+        Args:
+            ttl_s: How long a heartbeat document lives (its `expire_at`).
+            instances: The suffix of the heartbeats' collection: the instances that
+                call Vertex (`instances`) are counted apart from the mode-3 ingresses
+                (`ingress_instances`), which only share the API keys' rates.
+        """
+        return FirestoreRegionBoardStore(
+            self._client, self._collection.id, ttl_s, instances=instances
+        )
 
     async def create(self, job: Job) -> None:
         """Write a new job: large blobs first, then the document (the idempotency gate)."""
@@ -340,9 +351,16 @@ class FirestoreRegionBoardStore:
     one aggregation query on a single field, served by the automatic index.
     """
 
-    def __init__(self, client: firestore.AsyncClient, collection: str, ttl_s: float) -> None:
+    def __init__(
+        self,
+        client: firestore.AsyncClient,
+        collection: str,
+        ttl_s: float,
+        *,
+        instances: str = "instances",
+    ) -> None:
         self._regions = client.collection(f"{collection}_regions")
-        self._instances = client.collection(f"{collection}_instances")
+        self._instances = client.collection(f"{collection}_{instances}")
         self._client = client
         self._ttl_s = ttl_s
 

@@ -208,6 +208,8 @@ class RegionBoard:
         since = now - ALIVE_INTERVALS * self._interval_s
         self._instances = max(1, await self._store.count_instances(since))
         await self._write_changes(now)
+        if not self._regions:  # an instance that only counts (the mode-3 ingress)
+            return
         shared = await self._store.read_regions(self._regions)
         for region in self._regions:
             record = shared.get(region)

@@ -119,14 +119,19 @@ async def open_runtime(settings: Settings, *, executes: bool) -> AsyncIterator[R
         all_regions = tuple(
             dict.fromkeys(r for model in settings.models.values() for r in model.regions)
         )
-        if executes and settings.mode is not Mode.MEMORY and settings.region_sync_s > 0:
+        if settings.mode is not Mode.MEMORY and settings.region_sync_s > 0:
             from dispatcher.firestore_store import FirestoreJobStore
 
             assert isinstance(store, FirestoreJobStore)
+            # A mode-3 ingress calls no region: it only beats and counts (its own kind),
+            # so that each ingress holds 1/N of the API keys' rates.
             board = RegionBoard(
                 pool,
-                store.region_board_store(ttl_s=max(3600.0, 10 * settings.region_sync_s)),
-                all_regions,
+                store.region_board_store(
+                    ttl_s=max(3600.0, 10 * settings.region_sync_s),
+                    instances="instances" if executes else "ingress_instances",
+                ),
+                all_regions if executes else (),
                 instance_id=secrets.token_hex(8),
                 interval_s=settings.region_sync_s,
             )

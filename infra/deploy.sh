@@ -219,7 +219,8 @@ ttl_state() { # COLLECTION_GROUP
 }
 # The instances' heartbeats of the shared region state (REGION_SYNC_S) carry one too:
 # every new instance writes one, so they would pile up without it.
-for ttl_group in "$FIRESTORE_COLLECTION" blobs "${FIRESTORE_COLLECTION}_instances"; do
+for ttl_group in "$FIRESTORE_COLLECTION" blobs "${FIRESTORE_COLLECTION}_instances" \
+  "${FIRESTORE_COLLECTION}_ingress_instances"; do
   case $(ttl_state "$ttl_group") in
     ACTIVE | CREATING) log "TTL on $ttl_group.expire_at is already set" ;;
     *)

@@ -253,3 +253,18 @@ def test_max_unfinished_in_pubsub_mode(stack_factory: Callable[..., Stack], tmp_
             time.sleep(0.1)
     time.sleep(max(0.0, reread_at + POLICY_CACHE_S + 0.3 - time.monotonic()))
     assert submit(stack, "alice").status_code == 202
+
+
+def test_a_key_rate_holds_for_the_service_across_mode_3_ingresses(
+    stack_factory: Callable[..., Stack], tmp_path: Path
+) -> None:
+    """With two mode-3 ingresses counting each other (ingress heartbeats), each holds half
+    of a key's rpm: eight quick requests spread over both accept rpm=4 of them, not 8."""
+    path = keys_file(tmp_path, key_line("alice", "rpm=4"))
+    stack = stack_factory("pubsub", ingresses=2, API_KEYS_FILE=str(path), REGION_SYNC_S="0.3")
+    time.sleep(1.5)  # a few heartbeat rounds: each ingress has counted the other
+    statuses = [
+        stack.submit(prompt(unique("share")), ingress=i % 2, headers=as_("alice")).status_code
+        for i in range(8)
+    ]
+    assert sorted(statuses) == [202] * 4 + [429] * 4

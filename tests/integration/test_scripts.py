@@ -301,7 +301,12 @@ def test_dry_run_creates_firestore_database_and_ttl(dry_run: Callable[..., Run])
     ttls = [
         c for c in done.commands if c[:5] == ["gcloud", "firestore", "fields", "ttls", "update"]
     ]
-    assert {flags(ttl)["collection-group"] for ttl in ttls} == {"jobs", "blobs", "jobs_instances"}
+    assert {flags(ttl)["collection-group"] for ttl in ttls} == {
+        "jobs",
+        "blobs",
+        "jobs_instances",
+        "jobs_ingress_instances",
+    }
     for ttl in ttls:
         assert ttl[5] == "expire_at"
         assert flags(ttl)["database"] == "jobs-db"
