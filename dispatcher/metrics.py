@@ -55,6 +55,13 @@ COST = Counter(
     ["model", "rate", "caller"],
     registry=None,  # registered per runtime by `build_registry`
 )
+KEY_JOBS = Counter(
+    "dispatcher_key_jobs",
+    "Jobs by API key (caller; empty with keys off) and state: accepted at this ingress, "
+    "or brought to a final state by this process.",
+    ["caller", "state"],
+    registry=None,  # registered per runtime by `build_registry`
+)
 KEY_REFUSALS = Counter(
     "dispatcher_key_refusals",
     "Submissions refused because the API key was over a limit, by caller and limit "
@@ -77,6 +84,7 @@ def build_registry(
         STORE_OPERATIONS,
         TOKENS,
         COST,
+        KEY_JOBS,
         KEY_REFUSALS,
     ):
         registry.register(collector)

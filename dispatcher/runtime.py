@@ -19,7 +19,7 @@ from dispatcher.events import CompletionEvents
 from dispatcher.executor import JobExecutor
 from dispatcher.lifecycle import JobManager, Lifecycle
 from dispatcher.memory_store import MemoryJobStore
-from dispatcher.metrics import JOBS, build_registry
+from dispatcher.metrics import JOBS, KEY_JOBS, build_registry
 from dispatcher.pricing import PriceTable
 from dispatcher.queue import InProcessQueue, JobQueue
 from dispatcher.region_board import RegionBoard
@@ -184,6 +184,7 @@ async def open_runtime(settings: Settings, *, executes: bool) -> AsyncIterator[R
                     manager, in_process, interval_s=settings.sweep_interval_s, events=events
                 )
         manager.on_finished(lambda job: JOBS.labels(job.status.value).inc())
+        manager.on_finished(lambda job: KEY_JOBS.labels(job.owner or "", job.status.value).inc())
         watcher = JobWatcher(manager, interval_s=WATCH_INTERVAL_S)
         in_process_queue = queue if isinstance(queue, InProcessQueue) else None
         registry = build_registry(

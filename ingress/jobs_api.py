@@ -21,7 +21,7 @@ from dispatcher.http import HttpError, json_response, read_body
 from dispatcher.jobs import Job, JobStatus, is_job_id, rfc3339
 from dispatcher.listing import MAX_PAGE_SIZE, list_page, usage_totals
 from dispatcher.logs import current_trace
-from dispatcher.metrics import JOBS
+from dispatcher.metrics import JOBS, KEY_JOBS
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Mode
 from dispatcher.submission import Accepted, Submission, Submitter
@@ -192,6 +192,7 @@ async def accept_job(request: Request, *, model_override: str | None) -> Accepte
     )
     if not accepted.replayed:
         JOBS.labels("accepted").inc()
+        KEY_JOBS.labels(owner or "", "accepted").inc()
         # One INFO line per job per process: where this process runs the job too (modes
         # 1 and 2), its outcome line follows with the same id and trace, so this one is DEBUG.
         job = accepted.job
