@@ -45,7 +45,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if os.environ.get("BENCH_NO_REPORT"):
         return
     ran = (RESULTS.goodput, RESULTS.wrk, RESULTS.memory, RESULTS.region_down, RESULTS.scale)
-    if any(ran) or RESULTS.tiers:
+    if any(ran) or RESULTS.tiers or RESULTS.neighbour:
         RESULTS.duration_s = (datetime.now(UTC) - RESULTS.started).total_seconds()
         path = write_report(RESULTS)
         print(f"\nbenchmarks: wrote {path}")

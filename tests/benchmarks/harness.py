@@ -329,11 +329,17 @@ class RawHttp:
     Content-Length body (what uvicorn answers for these endpoints).
     """
 
-    def __init__(self, base_url: str, connections: int) -> None:
+    def __init__(
+        self, base_url: str, connections: int, *, headers: Mapping[str, str] | None = None
+    ) -> None:
         host_port = base_url.removeprefix("http://").rstrip("/")
         self._host, _, port = host_port.partition(":")
         self._port = int(port or 80)
         self._host_header = host_port.encode()
+        # Sent with every request (e.g. X-API-Key: the caller a job belongs to).
+        self._extra_headers = b"".join(
+            f"\r\n{name}: {value}".encode() for name, value in (headers or {}).items()
+        )
         # (reader, writer, last used): uvicorn closes a connection idle for 5 s.
         self._idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = (
             asyncio.Queue()
@@ -350,6 +356,7 @@ class RawHttp:
             f"{method} {path} HTTP/1.1\r\n".encode()
             + b"Host: "
             + self._host_header
+            + self._extra_headers
             + b"\r\nContent-Type: application/json\r\nContent-Length: "
             + str(len(body)).encode()
             + b"\r\n\r\n"

@@ -2,7 +2,8 @@
 
 The hand-written part of BENCHMARKS.md (between the notes markers) is kept across runs;
 everything else is regenerated. An invocation that ran only scenario 6 (`run.sh -k tiers`)
-rewrites only its section, in place, and leaves the other sections' figures as they are.
+or 7 (`run.sh -k neighbour`), or both, rewrites only their sections, in place, and leaves
+the other sections' figures as they are.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tests.benchmarks.harness import (
     machine,
     per_second,
 )
+from tests.benchmarks.neighbour_bench import NeighbourRun, NeighbourScenario
 from tests.benchmarks.scale import InFlightMemory, ScaleRow, StoreCeiling
 from tests.benchmarks.tiers_bench import RATE_OF_TRAFFIC as RATE_OF_TRAFFIC_NAMES
 from tests.benchmarks.tiers_bench import TierRun, TierScenario, token_cost
@@ -36,6 +38,7 @@ NOTES_START: Final = "<!-- notes:start -->"
 NOTES_END: Final = "<!-- notes:end -->"
 MODE_NAMES: Final = {"memory": "mode 1", "pubsub": "mode 3"}
 TIERS_HEADING: Final = "## 6. Cost under deadline"
+NEIGHBOUR_HEADING: Final = "## 7. Noisy neighbour"
 
 
 @dataclass
@@ -60,10 +63,12 @@ class Results:
     in_flight: list[InFlightMemory] = field(default_factory=list)
     tiers: list[TierRun] = field(default_factory=list)
     tier_scenario: TierScenario | None = None
+    neighbour: list[NeighbourRun] = field(default_factory=list)
+    neighbour_scenario: NeighbourScenario | None = None
     skipped: dict[str, str] = field(default_factory=dict)
 
-    def only_tiers(self) -> bool:
-        """Whether scenario 6 is all that ran (its section is then written on its own)."""
+    def _others_ran(self) -> bool:
+        """Whether any scenario but 6 and 7 ran."""
         others = (
             self.goodput,
             self.region_down,
@@ -74,7 +79,23 @@ class Results:
             self.in_flight,
             self.push_rates,
         )
-        return bool(self.tiers) and not any(others)
+        return any(others)
+
+    def only_tiers(self) -> bool:
+        """Whether scenario 6 is all that ran (its section is then written on its own)."""
+        return bool(self.tiers) and not self.neighbour and not self._others_ran()
+
+    def only_neighbour(self) -> bool:
+        """Whether scenario 7 is all that ran (its section is then written on its own)."""
+        return bool(self.neighbour) and not self.tiers and not self._others_ran()
+
+    def only_sections(self) -> bool:
+        """Whether only scenarios written on their own (6, 7) ran."""
+        return bool(self.tiers or self.neighbour) and not self._others_ran()
+
+    def neighbour_run(self, key: str) -> NeighbourRun | None:
+        """Scenario 7's run of variant `key`, if it ran."""
+        return next((r for r in self.neighbour if r.variant == key), None)
 
     def tier(self, variant: str) -> TierRun | None:
         """Scenario 6's run of `variant`, if it ran."""
@@ -196,6 +217,8 @@ def write_charts(results: Results, charts: Path = CHARTS) -> list[str]:
         written.append("scale-workers.png")
     if results.tiers:
         written.append(tiers_chart(results, charts, plt))
+    if results.neighbour:
+        written.append(neighbour_chart(results, charts, plt))
     return written
 
 
@@ -249,6 +272,51 @@ def tiers_chart(results: Results, charts: Path, plt: Any) -> str:
     fig.savefig(charts / "tiers.png", dpi=90)
     plt.close(fig)
     return "tiers.png"
+
+
+def neighbour_chart(results: Results, charts: Path, plt: Any) -> str:
+    """Scenario 7: B's latency over time per variant; A's jobs final per second."""
+    fig, (latency, flood) = plt.subplots(1, 2, figsize=(12, 3.4))
+    scenario = results.neighbour_scenario
+    for run in results.neighbour:
+        if run.b_points:
+            latency.plot(
+                [t for t, _ in run.b_points],
+                [s for _, s in run.b_points],
+                marker=".",
+                lw=0.8,
+                label=run.label,
+            )
+        if run.a_final_at:
+            series = per_second([(t, "A", 200) for t in run.a_final_at], status=200, bucket_s=2.0)
+            points = series.get("A", [])
+            flood.plot([t for t, _ in points], [v for _, v in points], lw=1, label=run.label)
+    latency.set_yscale("log")
+    latency.set_title(
+        "B: latency of each job (POST sent to final), by when it was sent", fontsize=9
+    )
+    latency.set_xlabel("s since A's first submission")
+    latency.set_ylabel("s")
+    latency.grid(alpha=0.3)
+    latency.legend(fontsize=7)
+    if scenario is not None:
+        for ax in (latency, flood):
+            ax.axvspan(
+                scenario.b_delay_s,
+                scenario.b_delay_s + scenario.b_duration_s,
+                color="grey",
+                alpha=0.08,
+            )
+        flood.axhline(scenario.capacity.jobs_per_s, color="grey", ls="--", label="regions' limit")
+    flood.set_title("A: jobs final per second (shaded: B sending)", fontsize=9)
+    flood.set_xlabel("s since A's first submission")
+    flood.set_ylim(bottom=0)
+    flood.grid(alpha=0.3)
+    flood.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(charts / "neighbour.png", dpi=90)
+    plt.close(fig)
+    return "neighbour.png"
 
 
 # -- targets --------------------------------------------------------------------------------
@@ -337,6 +405,7 @@ def targets(results: Results) -> list[tuple[str, str, bool | None]]:
                 )
             )
     rows += tier_targets(results)
+    rows += neighbour_targets(results)
     if results.memory is not None:
         memory = results.memory
         at_bound = next(
@@ -409,6 +478,33 @@ def tier_targets(results: Results) -> list[tuple[str, str, bool | None]]:
                 "tiers: 0 jobs lost, every job final",
                 ", ".join(f"{run.variant} {run.lost}" for run in results.tiers),
                 not lost,
+            )
+        )
+    return rows
+
+
+def neighbour_targets(results: Results) -> list[tuple[str, str, bool | None]]:
+    """Scenario 7's targets (measured, not asserted): (target, measured, met)."""
+    rows: list[tuple[str, str, bool | None]] = []
+    alone, fair = results.neighbour_run("alone"), results.neighbour_run("fair")
+    if alone is not None and fair is not None and alone.b_latency_p99_s > 0:
+        ratio = fair.b_latency_p99_s / alone.b_latency_p99_s
+        rows.append(
+            (
+                "noisy neighbour: B's p99 under A's flood <= 2x B alone",
+                f"{ratio:.2f}x ({fair.b_latency_p99_s:.2f} s against "
+                f"{alone.b_latency_p99_s:.2f} s)",
+                ratio <= 2.0,
+            )
+        )
+    if results.neighbour:
+        rows.append(
+            (
+                "noisy neighbour: 0 jobs lost, every job final",
+                ", ".join(
+                    f"{run.variant} {run.lost['A'] + run.lost['B']}" for run in results.neighbour
+                ),
+                not any(run.lost["A"] or run.lost["B"] for run in results.neighbour),
             )
         )
     return rows
@@ -598,6 +694,8 @@ def render(results: Results, charts: list[str], notes: str) -> str:
         lines += render_scale(results, charts)
     if results.tiers:
         lines += render_tiers(results, charts)
+    if results.neighbour:
+        lines += render_neighbour(results, charts)
     if results.profiles:
         lines += [
             "## Profiles",
@@ -636,13 +734,19 @@ def existing_notes(path: Path = REPORT) -> str:
 def write_report(results: Results, path: Path = REPORT, charts_dir: Path = CHARTS) -> Path:
     """Write BENCHMARKS.md and the charts; returns the report's path.
 
-    When scenario 6 is all that ran and the report exists, only section 6 is replaced
-    (or added before the profiles and notes); every other section is kept as it is.
+    When scenarios 6 and/or 7 are all that ran and the report exists, only their
+    sections are replaced (or added before the profiles and notes); every other section
+    is kept as it is.
     """
     charts = write_charts(results, charts_dir)
-    if results.only_tiers() and path.exists():
-        section = "\n".join(render_tiers(results, charts))
-        path.write_text(splice_section(path.read_text(encoding="utf-8"), section), "utf-8")
+    if results.only_sections() and path.exists():
+        text = path.read_text(encoding="utf-8")
+        if results.tiers:
+            text = splice_section(text, "\n".join(render_tiers(results, charts)))
+        if results.neighbour:
+            section = "\n".join(render_neighbour(results, charts))
+            text = splice_section(text, section, NEIGHBOUR_HEADING)
+        path.write_text(text, "utf-8")
         return path
     notes = existing_notes(path)
     path.write_text(render(results, charts, notes), encoding="utf-8")
@@ -826,4 +930,76 @@ def render_tiers(results: Results, charts: list[str]) -> list[str]:
     lines.append("")
     if "tiers.png" in charts:
         lines += ["![tiers.png](docs/benchmarks/tiers.png)", ""]
+    return lines
+
+
+def render_neighbour(results: Results, charts: list[str]) -> list[str]:
+    """Section 7: the noisy neighbour, B's latency beside its baselines, A's throughput."""
+    scenario = results.neighbour_scenario
+    took = f", took {results.duration_s / 60:.1f} min" if results.duration_s else ""
+    command = f"{COMMAND} -k neighbour" if results.only_neighbour() else COMMAND
+    lines = [
+        NEIGHBOUR_HEADING,
+        "",
+        f"Ran {results.started:%Y-%m-%d %H:%M} UTC on {machine()}, `{command}` "
+        f"(commit {git_revision()}, load average before {results.load_before}{took}); mode 1,",
+        "one ingress; every variant on a fresh stack (region limits and the fair share's",
+        "virtual times start from nothing). Key A (`priority=batch weight=1`) submits its N",
+        "jobs at once; key B (`priority=interactive`) sends one job per interval. Baselines in",
+        "the same invocation: B alone on an idle system; both keys `priority=interactive`",
+        "(no priority difference, only the weighted fair queuing between keys); B's jobs sent",
+        "with A's key (one caller, so one FIFO: what B would get without per-key shares).",
+        "Mode 3 is not run: the Pub/Sub emulator pushes one or two messages at a time",
+        "(section 1), so a flood there measures the emulator, and both keys share one topic",
+        '(README, "Not yet").',
+        "",
+    ]
+    if scenario is not None:
+        lines += [f"**Construction.** {scenario.construction()}", ""]
+    lines += [
+        "B's latency = its POST sent to its record's `updated_at` (record: `created_at` to",
+        "`updated_at`). A's jobs/s counts A's records whose `updated_at` falls in B's window,",
+        "and overall from A's first submission to its last job final. Goodput = every job",
+        "final per second / the regions' limit, over the whole run and in B's window.",
+        "",
+        "| variant | A jobs | B jobs | B latency p50 / p99 / max s | B record p50 / p99 s "
+        "| B vs alone (p99) | B's calls answered 429 | A jobs/s in B's window / overall "
+        "| goodput overall / in window | POST 429s A / B | lost A / B | CPU s used |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    alone = results.neighbour_run("alone")
+    for run in results.neighbour:
+        ratio = (
+            f"{run.b_latency_p99_s / alone.b_latency_p99_s:.2f}x"
+            if alone is not None and alone.b_latency_p99_s > 0
+            else "-"
+        )
+        flood = run.a_jobs > 0
+        a_rate = f"{run.a_in_window_per_s:,.1f} / {run.a_overall_per_s:,.1f}" if flood else "-"
+        goodput = f"{run.goodput:.2f} / {run.window_goodput:.2f}" if flood else "-"
+        lines.append(
+            f"| {run.label} | {run.a_jobs:,} | {run.b_jobs} "
+            f"| {run.b_latency_p50_s:.2f} / **{run.b_latency_p99_s:.2f}** / "
+            f"{run.b_latency_max_s:.2f} | {run.b_record_p50_s:.2f} / {run.b_record_p99_s:.2f} "
+            f"| {ratio} | {run.b_upstream_429s} | {a_rate} | {goodput} "
+            f"| {run.refused['A']} / {run.refused['B']} | {run.lost['A']} / {run.lost['B']} "
+            f"| {_cpu(run.cpu_s)} |"
+        )
+    lines += [
+        "",
+        "Upstream calls by status (the stand-in's log) and A's submission time:",
+        "",
+        "| variant | calls by status | A's submissions took s |",
+        "|---|---|---|",
+    ]
+    for run in results.neighbour:
+        lines.append(f"| {run.label} | {run.calls_by_status} | {run.a_submit_s:.1f} |")
+    rows = neighbour_targets(results)
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
+    for target, measured, met in rows:
+        verdict = "not measured" if met is None else ("yes" if met else "**no**")
+        lines.append(f"| {target} | {measured} | {verdict} |")
+    lines.append("")
+    if "neighbour.png" in charts:
+        lines += ["![neighbour.png](docs/benchmarks/neighbour.png)", ""]
     return lines

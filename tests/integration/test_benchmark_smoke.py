@@ -1,9 +1,10 @@
-"""Fast versions of benchmark scenarios 1, 5 and 6 (small N), so the harness cannot rot.
+"""Fast versions of benchmark scenarios 1, 5, 6 and 7 (small N), so the harness cannot rot.
 
 The real suite is `bash tests/benchmarks/run.sh` (BENCHMARKS.md); this runs the same
 code, in mode 1 with every strategy on 150 jobs, in mode 3 with two workers behind
-the push relay on 60 jobs, and scenario 6's tiers on 200 jobs with a 5 s deadline, with
-small latencies and short backoffs.
+the push relay on 60 jobs, scenario 6's tiers on 200 jobs with a 5 s deadline, and
+scenario 7's noisy neighbour on 2,000 jobs beside a 5 s trickle, with small latencies
+and short backoffs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,17 @@ from pathlib import Path
 import pytest
 
 from tests.benchmarks.harness import STRATEGIES, Capacity, bench_stack, run_goodput
-from tests.benchmarks.report import Results, render, splice_section, targets, write_charts
+from tests.benchmarks.neighbour_bench import SMOKE as NEIGHBOUR_SMOKE
+from tests.benchmarks.neighbour_bench import VARIANTS as NEIGHBOUR_VARIANTS
+from tests.benchmarks.neighbour_bench import neighbour_stack, run_neighbour
+from tests.benchmarks.report import (
+    Results,
+    render,
+    render_neighbour,
+    splice_section,
+    targets,
+    write_charts,
+)
 from tests.benchmarks.scale import ScaleRow, measure_store_ceiling, scale_stack, store_operations
 from tests.benchmarks.tiers_bench import SMOKE as TIERS_SMOKE
 from tests.benchmarks.tiers_bench import VARIANTS, run_tier_variant, tier_stack
@@ -113,3 +124,29 @@ def test_tiers_harness_runs_every_variant(tmp_path: Path) -> None:
     twice = splice_section(once, "## 6. Cost under deadline\n\nsecond\n")
     assert "kept" in twice and "notes" in twice and "first" not in twice
     assert twice.index("## 5.") < twice.index("second") < twice.index("## Notes")
+
+
+@pytest.mark.timeout(90)
+def test_neighbour_harness_runs_every_variant(tmp_path: Path) -> None:
+    """Scenario 7 small: every job of both keys final, none lost, section 7's rows rendered."""
+    results = Results(neighbour_scenario=NEIGHBOUR_SMOKE)
+    for chosen in NEIGHBOUR_VARIANTS:
+        with neighbour_stack(NEIGHBOUR_SMOKE, chosen, log_dir=tmp_path) as (stack, keys):
+            run = run_neighbour(stack, keys, NEIGHBOUR_SMOKE, chosen, timeout_s=40)
+        assert run.lost == {"A": 0, "B": 0}, run.statuses
+        assert sum(run.statuses["B"].values()) == NEIGHBOUR_SMOKE.b_jobs
+        assert sum(run.statuses["A"].values()) == (NEIGHBOUR_SMOKE.jobs if chosen.flood else 0)
+        assert run.refused == {"A": 0, "B": 0}  # MAX_PENDING_JOBS holds both keys' jobs
+        results.neighbour.append(run)
+    assert results.only_neighbour() and results.only_sections()
+    text = render(results, write_charts(results, tmp_path), notes="\nsmoke\n")
+    assert "## 7. Noisy neighbour" in text
+    for chosen in NEIGHBOUR_VARIANTS:
+        assert f"| {chosen.label} | " in text
+    assert "noisy neighbour: 0 jobs lost, every job final" in text
+    # Written on its own, section 7 follows section 6 and leaves it alone.
+    report = "# Benchmarks\n\n## 6. Cost under deadline\n\nkept\n\n## Notes\n\nnotes\n"
+    section = "\n".join(render_neighbour(results, []))
+    spliced = splice_section(report, section, "## 7. Noisy neighbour")
+    assert "kept" in spliced and "notes" in spliced
+    assert spliced.index("## 6.") < spliced.index("## 7.") < spliced.index("## Notes")
