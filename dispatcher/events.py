@@ -56,6 +56,8 @@ def completion_event(job: Job, *, max_result_bytes: int) -> tuple[bytes, dict[st
         "attempts": job.attempts,
         "created_at": rfc3339(job.created_at),
         "updated_at": rfc3339(job.updated_at),
+        # The worker's webhook subscription signs with the key's secret (never in here).
+        "webhook": {"url": job.webhook_url, "key": job.owner} if job.webhook_url else None,
     }
     if job.result is not None and max_result_bytes > 0:
         result = json.dumps(job.result, separators=(",", ":"))
@@ -64,6 +66,8 @@ def completion_event(job: Job, *, max_result_bytes: int) -> tuple[bytes, dict[st
     attributes = {"job_id": job.job_id, "status": job.status.value, "owner": job.owner or ""}
     if batch_id:
         attributes["batch_id"] = batch_id
+    if job.webhook_url:  # lets the webhook subscription filter on `attributes:webhook`
+        attributes["webhook"] = "true"
     return json.dumps(body, separators=(",", ":")).encode(), attributes
 
 

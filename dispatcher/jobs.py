@@ -78,6 +78,8 @@ class Job:
         weight: The key's weight in the fair share of region slots.
         event_pending: Final, and its completion event not yet published (RESULTS_TOPIC).
         usage: Vertex's `usageMetadata` of the answer (tokens, `trafficType`).
+        webhook_url: Where a signed POST goes once the job is final (the request's
+            `webhook.url`, else its key's `webhook`); None for no webhook.
     """
 
     job_id: str
@@ -110,6 +112,7 @@ class Job:
     priority: str = "interactive"
     weight: float = 1.0
     event_pending: bool = False
+    webhook_url: str | None = None
 
     def to_doc(self) -> JsonObject:
         """The job as a plain mapping for a store; `request`/`result` stay JSON objects."""
@@ -144,6 +147,7 @@ class Job:
             "weight": self.weight,
             "event_pending": self.event_pending,
             "usage": self.usage,
+            "webhook_url": self.webhook_url,
         }
 
     @classmethod
@@ -181,6 +185,7 @@ class Job:
             weight=float(doc.get("weight") or 1.0),
             event_pending=bool(doc.get("event_pending", False)),
             usage=dict(doc["usage"]) if doc.get("usage") else None,
+            webhook_url=doc.get("webhook_url") or None,
         )
 
 

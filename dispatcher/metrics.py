@@ -69,6 +69,14 @@ KEY_REFUSALS = Counter(
     ["caller", "limit"],
     registry=None,  # registered per runtime by `build_registry`
 )
+WEBHOOKS = Counter(
+    "dispatcher_webhooks",
+    "Webhook deliveries by outcome: delivered, retry (the receiver failed or was "
+    "unreachable; Pub/Sub redelivers), undeliverable (refused address, no secret, or "
+    "WEBHOOK_DELIVERY_MAX_S passed; given up).",
+    ["outcome"],
+    registry=None,  # registered per runtime by `build_registry`
+)
 _BREAKER_VALUE = {Breaker.CLOSED: 0, Breaker.HALF_OPEN: 1, Breaker.OPEN: 2}
 
 
@@ -86,6 +94,7 @@ def build_registry(
         COST,
         KEY_JOBS,
         KEY_REFUSALS,
+        WEBHOOKS,
     ):
         registry.register(collector)
     registry.register(LiveStateCollector(pool, queued=queued, running=running))

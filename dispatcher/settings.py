@@ -13,6 +13,8 @@ allowed. This module imports nothing of the dispatcher but its errors.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import enum
 import json
@@ -226,6 +228,34 @@ def _certs_url(raw: str) -> str:
     raise ValueError(f"{raw!r} must be an https URL (plain http only on loopback)")
 
 
+def check_webhook_secret(raw: str) -> str:
+    """A Standard Webhooks signing secret: `whsec_` and base64 of 24 to 64 bytes.
+
+    Never quoted in the error: it is a secret.
+    """
+    encoded = raw.removeprefix("whsec_")
+    try:
+        secret = base64.b64decode(encoded, validate=True) if encoded != raw else b""
+    except binascii.Error:
+        secret = b""
+    if not 24 <= len(secret) <= 64:
+        raise ValueError(
+            "is not whsec_ and the base64 of 24 to 64 random bytes "
+            "(make one with: echo whsec_$(head -c 32 /dev/urandom | base64))"
+        )
+    return raw
+
+
+def _host_list(raw: str) -> frozenset[str]:
+    """WEBHOOK_ALLOW_HOSTS: comma-separated `host` or `host:port`, lower-cased."""
+    hosts = frozenset(h.strip().lower() for h in raw.split(",") if h.strip())
+    for host in hosts:
+        name, _, port = host.rpartition(":") if host.count(":") == 1 else (host, "", "")
+        if not name or (port and not port.isdigit()) or any(c in host for c in "/@ "):
+            raise ValueError(f"{host!r} is not host or host:port")
+    return hosts
+
+
 def _model_config(raw: str) -> dict[str, ModelConfig]:
     """MODEL_CONFIG: a JSON list of models and their regions."""
     try:
@@ -371,6 +401,48 @@ class Settings:
             "many bytes (0: never)",
             low=0,
             high=9_000_000,
+        ),
+    )
+    webhook_secret: str | None = field(
+        default=None,
+        repr=False,  # a secret
+        metadata=_declare(
+            "WEBHOOK_SECRET",
+            "worker: `whsec_...` (Standard Webhooks), signs the webhooks of jobs whose API "
+            "key has no `webhook_secret` of its own (none: such webhooks are undeliverable)",
+            check_webhook_secret,
+        ),
+    )
+    webhook_allow_hosts: frozenset[str] = field(
+        default=frozenset(),
+        metadata=_declare(
+            "WEBHOOK_ALLOW_HOSTS",
+            "comma-separated `host` or `host:port` that webhooks may reach although they are "
+            "not public addresses (plain http allowed too); every other host must be https "
+            "and resolve to public addresses only",
+            _host_list,
+            shown="none",
+        ),
+    )
+    webhook_delivery_max_s: float = field(
+        default=86400.0,
+        metadata=_number(
+            "WEBHOOK_DELIVERY_MAX_S",
+            "how long after a job finished its webhook is retried before it is recorded "
+            "undeliverable",
+            low=1.0,
+            high=7 * 86400.0,
+            shown="86400 (1 day)",
+        ),
+    )
+    webhook_timeout_s: float = field(
+        default=10.0,
+        metadata=_number(
+            "WEBHOOK_TIMEOUT_S",
+            "timeout of one webhook POST (keep it below the webhook subscription's ack "
+            "deadline, 60 s from `infra/deploy.sh`)",
+            low=0.1,
+            high=300.0,
         ),
     )
     vertex_api_endpoint: str | None = field(

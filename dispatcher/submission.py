@@ -24,7 +24,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from dispatcher.errors import (
@@ -62,6 +62,7 @@ class Submission:
         deadline: When the job must be done by, if the request says.
         fallback: Whether the job may move to the model's fallbacks.
         policy: The calling key's policy (limits, allowed models and tiers).
+        webhook_url: The request's checked webhook URL; None for the key's, if any.
     """
 
     request: JsonObject
@@ -74,6 +75,7 @@ class Submission:
     deadline: datetime | None = None
     fallback: bool = True
     policy: KeyPolicy = NO_POLICY
+    webhook_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +166,9 @@ class Submitter:
             priority=policy.priority.value,
             weight=policy.weight,
         )
+        webhook_url = submission.webhook_url or policy.webhook
+        if webhook_url is not None:
+            job = replace(job, webhook_url=webhook_url)
         try:
             await self._manager.store.create(job)
         except JobExists:

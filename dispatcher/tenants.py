@@ -18,6 +18,9 @@ words (all optional):
   keys of one class, default 1): which waiting call gets the next free region slot.
 - `models`, `tiers`: what the key may use; `default_tier`: its jobs' tier when they name
   none (before the model's default).
+- `webhook=https://...`: where its jobs' completion is POSTed when a job names no
+  `webhook` itself; `webhook_secret=whsec_...`: the secret signing its jobs' webhooks
+  (else WEBHOOK_SECRET). The worker reads the file too, for the secrets.
 
 With several instances, each holds `1/N` of a key's rate (N: the instances that
 heartbeat in the shared region state, `REGION_SYNC_S`), so the limits hold for the
@@ -40,7 +43,8 @@ from datetime import UTC, datetime
 
 from dispatcher.errors import DispatcherError
 from dispatcher.jobs import JsonObject
-from dispatcher.settings import Tier
+from dispatcher.settings import Tier, check_webhook_secret
+from dispatcher.webhooks import MAX_URL_CHARS
 
 log = logging.getLogger(__name__)
 CHARS_PER_TOKEN = 4
@@ -69,6 +73,8 @@ class KeyPolicy:
     models: tuple[str, ...] | None = None
     tiers: tuple[Tier, ...] | None = None
     default_tier: Tier | None = None
+    webhook: str | None = None
+    webhook_secret: str | None = field(default=None, repr=False)  # never logged or shown
 
     def to_doc(self) -> JsonObject:
         """The policy as `GET /keys/me` shows it."""
@@ -143,10 +149,30 @@ def _policy_value(name: str, value: str) -> object:
         if unknown or (name == "default_tier" and len(tiers) != 1):
             raise ValueError(f"{name}={value[:40]} names no tier (or more than one)")
         return Tier(tiers[0]) if name == "default_tier" else tuple(Tier(t) for t in tiers)
+    if name == "webhook":
+        if len(value) > MAX_URL_CHARS or not value.startswith(("https://", "http://")):
+            # http: only to a host in WEBHOOK_ALLOW_HOSTS, checked where settings are known.
+            raise ValueError(f"webhook={value[:40]} is not an https URL")
+        return value
+    if name == "webhook_secret":
+        try:
+            return check_webhook_secret(value)
+        except ValueError as exc:
+            raise ValueError(f"webhook_secret {exc}") from None  # the value is a secret
     raise ValueError(f"{name} is not a policy setting ({', '.join(_NAMES)})")
 
 
-_NAMES = (*_COUNTS, "budget", "priority", "weight", "models", "tiers", "default_tier")
+_NAMES = (
+    *_COUNTS,
+    "budget",
+    "priority",
+    "weight",
+    "models",
+    "tiers",
+    "default_tier",
+    "webhook",
+    "webhook_secret",
+)
 
 
 class KeyLimited(DispatcherError):

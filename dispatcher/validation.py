@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 from dispatcher.errors import InvalidRequest
 from dispatcher.jobs import JsonObject
+from dispatcher.webhooks import check_webhook_url
 
 MAX_DEPTH = 64
 # Headers the ingress stores with a job (Job.session_id, Job.idempotency_key).
@@ -271,3 +272,19 @@ def parse_deadline(raw: object, now: datetime) -> datetime | None:
     if (deadline - now).total_seconds() > MAX_DEADLINE_S:
         raise InvalidRequest("deadline: more than 7 days ahead", field="deadline")
     return deadline.astimezone(UTC)
+
+
+def parse_webhook(raw: object, *, allow_hosts: frozenset[str]) -> str | None:
+    """A request's `"webhook": {"url": "https://..."}`: the URL, once it may be used.
+
+    Raises:
+        InvalidRequest: naming why (not an object, not https, a private address, ...).
+    """
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) != {"url"}:
+        raise InvalidRequest('webhook: must be an object {"url": "https://..."}', field="webhook")
+    try:
+        return check_webhook_url(raw["url"], allow_hosts=allow_hosts)
+    except ValueError as exc:
+        raise InvalidRequest(f"webhook.url: {exc}", field="webhook.url") from None

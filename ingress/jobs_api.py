@@ -27,7 +27,7 @@ from dispatcher.settings import Mode
 from dispatcher.submission import Accepted, Submission, Submitter
 from dispatcher.tenants import NO_POLICY, TenantGate
 from dispatcher.tiers import tier_from_headers
-from dispatcher.validation import parse_deadline, parse_request
+from dispatcher.validation import parse_deadline, parse_request, parse_webhook
 
 log = logging.getLogger("ingress")
 MAX_WAIT_S = 60.0
@@ -170,8 +170,12 @@ async def accept_job(request: Request, *, model_override: str | None) -> Accepte
         fallback = body.pop("fallback", True)
         if not isinstance(fallback, bool):
             raise InvalidRequest("fallback: must be true or false", field="fallback")
-    else:  # the Vertex-compatible route: Vertex's own two headers
+        webhook_url = parse_webhook(
+            body.pop("webhook", None), allow_hosts=runtime.settings.webhook_allow_hosts
+        )
+    else:  # the Vertex-compatible route: Vertex's own two headers (the key's webhook only)
         tier, deadline, fallback = tier_from_headers(request.headers), None, True
+        webhook_url = None
     submitter: Submitter = request.app.state.submitter
     keyring: KeyRing | None = request.app.state.keyring
     owner = caller_of(request)
@@ -188,6 +192,7 @@ async def accept_job(request: Request, *, model_override: str | None) -> Accepte
             deadline=deadline,
             fallback=fallback,
             policy=keyring.current.policy(owner) if keyring is not None else NO_POLICY,
+            webhook_url=webhook_url,
         )
     )
     if not accepted.replayed:

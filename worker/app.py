@@ -9,6 +9,10 @@ With PUSH_AUDIENCE and PUSH_SERVICE_ACCOUNT set, a push must carry Pub/Sub's OID
 token for them before its body is even read: 401 for a missing or invalid token,
 403 for a valid token of another account (both are nacks, so a misconfigured
 subscription retries and dead-letters rather than losing messages).
+
+`POST /webhooks` takes the completion events (RESULTS_TOPIC) from a second push
+subscription, authenticated the same way, and POSTs each job's signed webhook
+(`dispatcher.webhooks`): 200 once delivered or given up, 503 to have Pub/Sub retry it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from dispatcher.auth import AuthError, PushVerifier
+from dispatcher.auth import AuthError, KeyRing, PushVerifier
 from dispatcher.errors import InvalidRequest, StoreUnavailable
 from dispatcher.executor import RunResult
 from dispatcher.http import (
@@ -35,17 +39,23 @@ from dispatcher.http import (
     metrics,
     read_body,
 )
+from dispatcher.metrics import WEBHOOKS
 from dispatcher.pubsub import parse_push
 from dispatcher.runtime import Runtime, open_runtime
 from dispatcher.settings import Settings
+from dispatcher.webhooks import DeliveryOutcome, WebhookSender, read_event, webhook_client
 
 log = logging.getLogger("worker")
 MAX_ENVELOPE_BYTES = 64 * 1024  # the ingress publishes ids, not requests
+# A completion event may carry a response body (RESULTS_EVENT_RESULT_BYTES), base64 in push.
+MAX_EVENT_ENVELOPE_BYTES = 16 * 1024 * 1024
 
 
 def create_app(settings: Settings) -> Starlette:
     """The worker ASGI app."""
     verifier = push_verifier(settings)
+    # The keys' webhook secrets: read at start-up (and again when the file changes).
+    keyring = KeyRing.load(settings.api_keys_file) if settings.api_keys_file else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -60,14 +70,20 @@ def create_app(settings: Settings) -> Starlette:
                 "push authentication on",
                 extra={"audience": verifier.audience, "service_account": verifier.service_account},
             )
-        async with open_runtime(settings, executes=True) as runtime:
-            app.state.runtime = runtime
-            log.info("worker ready", extra={"mode": settings.mode.value})
-            yield
+        sender = webhook_sender(settings, keyring)
+        app.state.webhooks = sender
+        try:
+            async with open_runtime(settings, executes=True) as runtime:
+                app.state.runtime = runtime
+                log.info("worker ready", extra={"mode": settings.mode.value})
+                yield
+        finally:
+            await sender.close()
 
     app = Starlette(
         routes=[
             Route("/", push, methods=["POST"]),
+            Route("/webhooks", webhook_push, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
         ],
@@ -87,6 +103,51 @@ def push_verifier(settings: Settings) -> PushVerifier | None:
         service_account=settings.push_service_account,
         certs_url=settings.push_certs_url,
     )
+
+
+def webhook_sender(settings: Settings, keyring: KeyRing | None) -> WebhookSender:
+    """The webhook sender: the key's `webhook_secret`, else WEBHOOK_SECRET, signs."""
+
+    def secret_for(key: str | None) -> str | None:
+        own = keyring.current.policy(key).webhook_secret if keyring and key else None
+        return own or settings.webhook_secret
+
+    return WebhookSender(
+        webhook_client(
+            allow_hosts=settings.webhook_allow_hosts, timeout_s=settings.webhook_timeout_s
+        ),
+        secret_for=secret_for,
+        delivery_max_s=settings.webhook_delivery_max_s,
+    )
+
+
+async def webhook_push(request: Request) -> Response:
+    """POST /webhooks: one completion event pushed by the webhook subscription."""
+    verifier: PushVerifier | None = request.app.state.push_verifier
+    if verifier is not None:
+        try:
+            await verifier.verify(request.headers.get("authorization"))
+        except AuthError as exc:
+            return _refused(exc)
+    sender: WebhookSender = request.app.state.webhooks
+    try:
+        data = read_event(json.loads(await read_body(request, MAX_EVENT_ENVELOPE_BYTES)))
+    except (BodyTooLarge, InvalidRequest, ValueError, RecursionError) as exc:
+        log.error("malformed webhook push acknowledged", extra={"reason": str(exc)[:300]})
+        return json_response({"acknowledged": True, "reason": str(exc)[:300]}, 200)
+    delivery = await sender.deliver(data)
+    extra = {"job_id": delivery.job_id, "reason": delivery.reason[:300]}
+    if delivery.outcome is DeliveryOutcome.NONE:
+        return json_response({"job_id": delivery.job_id, "webhook": "none"}, 200)
+    WEBHOOKS.labels(delivery.outcome.value).inc()
+    if delivery.outcome is DeliveryOutcome.RETRY:
+        log.warning("webhook not delivered; Pub/Sub will redeliver", extra=extra)
+        return error_response(503, f"webhook not delivered ({delivery.reason}); redeliver later")
+    if delivery.outcome is DeliveryOutcome.UNDELIVERABLE:
+        log.error("webhook undeliverable; given up", extra=extra)
+    else:
+        log.info("webhook delivered", extra={"job_id": delivery.job_id})
+    return json_response({"job_id": delivery.job_id, "webhook": delivery.outcome.value}, 200)
 
 
 async def push(request: Request) -> Response:
