@@ -39,8 +39,10 @@ HEADERS: Mapping[Tier, Mapping[str, str]] = MappingProxyType(
     }
 )
 
-# `auto`: before standard calls of a model have been timed, assume they take this long.
-STANDARD_P95_PRIOR_S = 10.0
+# `auto`: before standard calls of a model have been timed, keep this long for standard
+# (the reserve itself, not a p95 to multiply: 3 x 10 s + 1 s sent a third of the
+# benchmark's jobs to standard before a single standard call was seen).
+STANDARD_RESERVE_PRIOR_S = 10.0
 # `auto` moves a job to standard while this much is left: a few standard calls' p95 and
 # a margin, not one p95, because a job leaving flex meets the others leaving it at the
 # same moment (a backlog that flex could not serve in time) and waits for standard
@@ -100,12 +102,17 @@ def lane_parts(key: str) -> tuple[str, Tier]:
     return region, Tier(tier) if tier else Tier.STANDARD
 
 
-def standard_reserve_s(standard_p95_s: float) -> float:
-    """The time an `auto` job keeps for standard before its deadline."""
+def standard_reserve_s(standard_p95_s: float | None) -> float:
+    """The time an `auto` job keeps for standard before its deadline (the prior while
+    no standard call of the model has been timed)."""
+    if standard_p95_s is None:
+        return STANDARD_RESERVE_PRIOR_S
     return STANDARD_RESERVE_P95S * standard_p95_s + STANDARD_RESERVE_MARGIN_S
 
 
-def auto_tier(*, time_left_s: float | None, standard_p95_s: float, flex_throttles: int) -> Tier:
+def auto_tier(
+    *, time_left_s: float | None, standard_p95_s: float | None, flex_throttles: int
+) -> Tier:
     """The tier an `auto` job's next call uses.
 
     Flex while the time left exceeds the standard reserve (`standard_reserve_s` of the
@@ -122,9 +129,8 @@ def auto_tier(*, time_left_s: float | None, standard_p95_s: float, flex_throttle
 class LatencyBook:
     """Recent durations of successful calls per model and tier, for the `auto` rule."""
 
-    def __init__(self, *, keep: int = 200, prior_s: float = STANDARD_P95_PRIOR_S) -> None:
+    def __init__(self, *, keep: int = 200) -> None:
         self._keep = keep
-        self._prior_s = prior_s
         self._seen: dict[tuple[str, Tier], collections.deque[float]] = {}
 
     def record(self, model: str, tier: Tier, seconds: float) -> None:
@@ -134,11 +140,11 @@ class LatencyBook:
             seen = self._seen[model, tier] = collections.deque(maxlen=self._keep)
         seen.append(seconds)
 
-    def p95(self, model: str, tier: Tier) -> float:
-        """The 95th percentile of the recent durations (the prior before any)."""
+    def p95(self, model: str, tier: Tier) -> float | None:
+        """The 95th percentile of the recent durations; None before any."""
         seen = self._seen.get((model, tier))
         if not seen:
-            return self._prior_s
+            return None
         ordered = sorted(seen)
         return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
 

@@ -17,7 +17,7 @@ from dispatcher.tiers import (
     HEADERS,
     REQUEST_TYPE,
     SHARED_REQUEST_TYPE,
-    STANDARD_P95_PRIOR_S,
+    STANDARD_RESERVE_PRIOR_S,
     LatencyBook,
     auto_tier,
     lane,
@@ -94,18 +94,19 @@ def test_auto_moves_to_standard_when_time_runs_short_or_flex_keeps_throttling(
     for a 10 s p95), and until flex has throttled the job FLEX_THROTTLES_BEFORE_STANDARD
     times; standard after."""
     assert standard_reserve_s(10.0) == 31.0
+    assert standard_reserve_s(None) == STANDARD_RESERVE_PRIOR_S
     chosen = auto_tier(time_left_s=time_left_s, standard_p95_s=10.0, flex_throttles=throttles)
     assert chosen is expected
 
 
-def test_latency_book_p95_of_recent_calls_and_prior_before_any() -> None:
-    """p95 is the prior before any call, then the 95th percentile of the recent durations."""
+def test_latency_book_p95_of_recent_calls_and_none_before_any() -> None:
+    """p95 is None before any call, then the 95th percentile of the recent durations."""
     book = LatencyBook(keep=100)
-    assert book.p95("m", Tier.STANDARD) == STANDARD_P95_PRIOR_S
+    assert book.p95("m", Tier.STANDARD) is None
     for seconds in range(1, 101):
         book.record("m", Tier.STANDARD, float(seconds))
     assert book.p95("m", Tier.STANDARD) == 95.0
-    assert book.p95("m", Tier.FLEX) == STANDARD_P95_PRIOR_S
+    assert book.p95("m", Tier.FLEX) is None
     book.record("m", Tier.STANDARD, 1000.0)  # the oldest (1 s) drops out
     assert book.p95("m", Tier.STANDARD) == 96.0
 
