@@ -425,14 +425,15 @@ class Settings:
         ),
     )
     webhook_delivery_max_s: float = field(
-        default=86400.0,
+        # Under what the webhook subscription's 100 attempts (10 s..600 s apart) reach.
+        default=21600.0,
         metadata=_number(
             "WEBHOOK_DELIVERY_MAX_S",
             "how long after a job finished its webhook is retried before it is recorded "
             "undeliverable",
             low=1.0,
             high=7 * 86400.0,
-            shown="86400 (1 day)",
+            shown="21600 (6 h)",
         ),
     )
     webhook_timeout_s: float = field(

@@ -300,11 +300,16 @@ app_env=(
   "LOG_LEVEL=$LOG_LEVEL"
 )
 for name in VERTEX_MAX_RETRIES VERTEX_BACKOFF_INITIAL_S VERTEX_BACKOFF_MAX_S VERTEX_TIMEOUT_S JOB_TTL_S \
-  RESULTS_TOPIC; do
+  RESULTS_TOPIC WEBHOOK_ALLOW_HOSTS; do
   if [[ -n ${!name} ]]; then app_env+=("$name=${!name}"); fi
 done
+# Only the worker sends webhooks, so only it holds the service's signing secret.
+worker_env=()
+for name in WEBHOOK_SECRET WEBHOOK_DELIVERY_MAX_S; do
+  if [[ -n ${!name} ]]; then worker_env+=("$name=${!name}"); fi
+done
 # The worker's push settings must match the subscription created below.
-write_env_file "$OUT_DIR/worker.env.json" "${app_env[@]}" \
+write_env_file "$OUT_DIR/worker.env.json" "${app_env[@]}" ${worker_env[@]+"${worker_env[@]}"} \
   "PUSH_ACK_DEADLINE_S=$ACK_DEADLINE_S" \
   "MAX_DELIVERY_ATTEMPTS=$MAX_DELIVERY_ATTEMPTS" \
   "PUSH_AUDIENCE=$PUSH_AUDIENCE" \
@@ -361,8 +366,28 @@ for email in "$INGRESS_SA_EMAIL" "$WORKER_SA_EMAIL"; do
 done
 # Completion events (RESULTS_TOPIC, optional): both services publish them (the worker
 # for the jobs it finishes, the ingress for cancellations and the sweep).
+if [[ -n $RESULTS_TOPIC && $WEBHOOKS == true ]]; then
+  # Signed webhooks: a second push subscription, on the results topic, to the worker's
+  # /webhooks, signed as the invoker like the jobs' (pubsub.sh creates the topic too).
+  # A receiver that fails is retried by Pub/Sub's backoff until the worker gives up
+  # (WEBHOOK_DELIVERY_MAX_S); the dead letter catches what a broken worker never acks.
+  webhook_args=(
+    --project "$PROJECT_ID" --topic "$RESULTS_TOPIC" --subscription "$WEBHOOK_SUBSCRIPTION"
+    --push-endpoint "$WORKER_URL/webhooks"
+    --dead-letter-topic "$DEAD_LETTER_TOPIC" --dead-letter-subscription "$DEAD_LETTER_SUBSCRIPTION"
+    --max-delivery-attempts 100 --ack-deadline 60 --min-retry-delay 10s --max-retry-delay 600s
+    --push-service-account "$INVOKER_SA_EMAIL" --audience "$PUSH_AUDIENCE"
+  )
+  if [[ $DRY_RUN == true ]]; then webhook_args+=(--dry-run); fi
+  "$SCRIPT_DIR/pubsub.sh" "${webhook_args[@]}"
+  run_retrying gcloud pubsub subscriptions add-iam-policy-binding "$WEBHOOK_SUBSCRIPTION" \
+    --member="serviceAccount:$PUBSUB_AGENT" --role=roles/pubsub.subscriber \
+    --project="$PROJECT_ID" --format=none
+fi
 if [[ -n $RESULTS_TOPIC ]]; then
-  if exists gcloud pubsub topics describe "$RESULTS_TOPIC" --project="$PROJECT_ID"; then
+  if [[ $WEBHOOKS == true ]]; then
+    : # created with its webhook subscription above
+  elif exists gcloud pubsub topics describe "$RESULTS_TOPIC" --project="$PROJECT_ID"; then
     log "topic $RESULTS_TOPIC exists"
   else
     run gcloud pubsub topics create "$RESULTS_TOPIC" --project="$PROJECT_ID"

@@ -265,6 +265,7 @@ DEPLOY_SETTINGS=(
   ARTIFACT_REPOSITORY IMAGE_TAG
   INGRESS_SERVICE WORKER_SERVICE INGRESS_SA WORKER_SA INVOKER_SA
   PUBSUB_TOPIC PUSH_SUBSCRIPTION DEAD_LETTER_TOPIC DEAD_LETTER_SUBSCRIPTION RESULTS_TOPIC
+  WEBHOOKS WEBHOOK_SUBSCRIPTION WEBHOOK_SECRET WEBHOOK_ALLOW_HOSTS WEBHOOK_DELIVERY_MAX_S
   ACK_DEADLINE_S MAX_DELIVERY_ATTEMPTS MIN_RETRY_DELAY MAX_RETRY_DELAY PUSH_AUDIENCE
   WORKER_TIMEOUT_S WORKER_CONCURRENCY WORKER_MIN_INSTANCES WORKER_MAX_INSTANCES
   WORKER_CPU WORKER_MEMORY WORKER_CPU_THROTTLING WORKER_INGRESS
@@ -297,6 +298,8 @@ load_deploy_config() {
   : "${DEAD_LETTER_TOPIC:=$PUBSUB_TOPIC-dead-letter}"
   : "${DEAD_LETTER_SUBSCRIPTION:=$DEAD_LETTER_TOPIC-sub}"
   : "${RESULTS_TOPIC:=}"
+  : "${WEBHOOKS:=false}" "${WEBHOOK_SECRET:=}" "${WEBHOOK_ALLOW_HOSTS:=}" "${WEBHOOK_DELIVERY_MAX_S:=}"
+  : "${WEBHOOK_SUBSCRIPTION:=${RESULTS_TOPIC:-results}-webhooks}"
   : "${ACK_DEADLINE_S:=600}"
   : "${MAX_DELIVERY_ATTEMPTS:=5}"
   : "${MIN_RETRY_DELAY:=10s}"
@@ -348,6 +351,14 @@ check_names() {
   done
   if [[ -n $RESULTS_TOPIC ]]; then
     check_match RESULTS_TOPIC '^[A-Za-z][A-Za-z0-9._~%+-]{2,254}$' 'a Pub/Sub name (3-255 characters, starting with a letter)' || problems=1
+  fi
+  check_bool WEBHOOKS || problems=1
+  if [[ $WEBHOOKS == true ]]; then
+    [[ -n $RESULTS_TOPIC ]] || {
+      printf 'error: WEBHOOKS=true needs RESULTS_TOPIC (webhooks are driven by the completion events)\n' >&2
+      problems=1
+    }
+    check_match WEBHOOK_SUBSCRIPTION '^[A-Za-z][A-Za-z0-9._~%+-]{2,254}$' 'a Pub/Sub name (3-255 characters, starting with a letter)' || problems=1
   fi
   check_match ARTIFACT_REPOSITORY '^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$' 'a repository name (a-z 0-9 -)' || problems=1
   check_match FIRESTORE_DATABASE '^(\(default\)|[a-z][a-z0-9-]{2,61}[a-z0-9])$' 'a database id (4-63 of a-z 0-9 -) or (default)' || problems=1

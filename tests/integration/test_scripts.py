@@ -329,6 +329,39 @@ def test_dry_run_creates_the_results_topic_when_asked(dry_run: Callable[..., Run
     assert not [c for c in without.commands if "job-results" in c]
 
 
+def test_dry_run_creates_the_webhook_push_subscription_when_asked(
+    dry_run: Callable[..., Run],
+) -> None:
+    """With RESULTS_TOPIC and WEBHOOKS=true, a push subscription on the results topic goes
+    to the worker's /webhooks, signed like the jobs' one and dead-lettering; the secret
+    reaches the worker only; without WEBHOOKS, no such subscription."""
+    done = dry_run(
+        RESULTS_TOPIC="job-results",
+        WEBHOOKS="true",
+        WEBHOOK_SECRET="whsec_" + "a" * 44,
+        WEBHOOK_ALLOW_HOSTS="hooks.internal:8443,10.0.0.9",
+    )
+    jobs = flags(done.one("gcloud", "pubsub", "subscriptions", "create", "dispatcher-jobs-push"))
+    hooks = flags(done.one("gcloud", "pubsub", "subscriptions", "create", "job-results-webhooks"))
+    assert hooks["topic"] == "job-results"
+    assert hooks["push-endpoint"] == "<worker-url>/webhooks"
+    assert hooks["push-auth-service-account"] == jobs["push-auth-service-account"] == INVOKER_SA
+    assert hooks["push-auth-token-audience"] == jobs["push-auth-token-audience"]
+    assert hooks["dead-letter-topic"] == "dispatcher-jobs-dead-letter"
+    assert hooks["max-delivery-attempts"] == "100"
+    assert len(done.find("gcloud", "pubsub", "topics", "create", "job-results")) == 1
+    agent = done.one(
+        "gcloud", "pubsub", "subscriptions", "add-iam-policy-binding", "job-results-webhooks"
+    )
+    assert flags(agent)["member"] == f"serviceAccount:{PUBSUB_AGENT}"
+    worker, ingress = done.env_file("worker"), done.env_file("ingress")
+    assert worker["WEBHOOK_SECRET"].startswith("whsec_")
+    assert "WEBHOOK_SECRET" not in ingress
+    assert worker["WEBHOOK_ALLOW_HOSTS"] == ingress["WEBHOOK_ALLOW_HOSTS"]
+    without = dry_run(RESULTS_TOPIC="job-results")
+    assert not without.find("gcloud", "pubsub", "subscriptions", "create", "job-results-webhooks")
+
+
 def test_dry_run_creates_the_listing_indexes(dry_run: Callable[..., Run]) -> None:
     """The two composite indexes GET /jobs and GET /usage query: (owner, created_at desc,
     job_id desc) and the same with status after owner, on the jobs collection."""
