@@ -111,11 +111,12 @@ class NeighbourScenario:
         """The physical facts the figures stand beside, in one paragraph."""
         return (
             f"Regions as in scenario 1: {self.capacity.describe()}. A's {self.jobs:,} jobs "
-            f"need at least {self.flood_s:.0f} s at that limit, so A's backlog lasts through "
-            f"B's window ({self.b_delay_s:g} s to {self.b_delay_s + self.b_duration_s:g} s "
-            f"after A's first submission, one job every {self.b_interval_s:g} s, "
-            f"{self.b_jobs} jobs). `MAX_PENDING_JOBS={self.max_pending_jobs:,}`, so every "
-            f"job is admitted; A submits with {self.submit_concurrency} connections."
+            f"need at least {self.flood_s:.0f} s at that limit, so A's backlog is there for "
+            f"most or all of B's window ({self.b_delay_s:g} s to "
+            f"{self.b_delay_s + self.b_duration_s:g} s after A's first submission, one job "
+            f"every {self.b_interval_s:g} s, {self.b_jobs} jobs). "
+            f"`MAX_PENDING_JOBS={self.max_pending_jobs:,}`, so every job is admitted; A "
+            f"submits with {self.submit_concurrency} connections."
         )
 
 
@@ -142,7 +143,7 @@ class NeighbourRun:
     b_record_p50_s: float  # the record's created_at to updated_at
     b_record_p99_s: float
     b_upstream_429s: int  # 429s the stand-in answered to B's calls
-    a_in_window_per_s: float  # A's jobs final per second while B sends
+    a_in_window_per_s: float  # A's jobs final per second while B sends and A has work
     a_overall_per_s: float  # A's jobs over A's first submission to A's last final
     window_per_s: float  # every job final per second while B sends
     overall_per_s: float  # every job over first submission to last final
@@ -263,6 +264,8 @@ def run_neighbour(
     window_start = started + scenario.b_delay_s
     window_end = window_start + scenario.b_duration_s
     in_window = sum(1 for t in a_end if window_start <= t < window_end)
+    # A's rate beside B counts only the part of B's window in which A still had work.
+    a_window_s = min(window_end, max(a_end, default=window_start)) - window_start
     every_in_window = sum(1 for t in every_end if window_start <= t < window_end)
     last = max(every_end, default=started)
     a_sent = [s.sent_at for s in a_subs]
@@ -280,7 +283,7 @@ def run_neighbour(
         b_upstream_429s=sum(
             1 for c in calls if c["status"] == 429 and str(c["text"]).startswith(b_prefix)
         ),
-        a_in_window_per_s=round(in_window / scenario.b_duration_s, 1),
+        a_in_window_per_s=round(in_window / a_window_s, 1) if a_window_s > 0 else 0.0,
         a_overall_per_s=round(len(a_end) / (max(a_end) - started), 1) if a_end else 0.0,
         window_per_s=round(every_in_window / scenario.b_duration_s, 1),
         overall_per_s=round(len(every_end) / (last - started), 1) if last > started else 0.0,

@@ -958,9 +958,10 @@ def render_neighbour(results: Results, charts: list[str]) -> list[str]:
         lines += [f"**Construction.** {scenario.construction()}", ""]
     lines += [
         "B's latency = its POST sent to its record's `updated_at` (record: `created_at` to",
-        "`updated_at`). A's jobs/s counts A's records whose `updated_at` falls in B's window,",
-        "and overall from A's first submission to its last job final. Goodput = every job",
-        "final per second / the regions' limit, over the whole run and in B's window.",
+        "`updated_at`). A's jobs/s in B's window counts A's records whose `updated_at` falls",
+        "in it, over the part of it before A's last job was final; overall, from A's first",
+        "submission to its last job final. Goodput = every job final per second / the",
+        "regions' limit, over the whole run and over all of B's window.",
         "",
         "| variant | A jobs | B jobs | B latency p50 / p99 / max s | B record p50 / p99 s "
         "| B vs alone (p99) | B's calls answered 429 | A jobs/s in B's window / overall "
@@ -993,7 +994,8 @@ def render_neighbour(results: Results, charts: list[str]) -> list[str]:
         "|---|---|---|",
     ]
     for run in results.neighbour:
-        lines.append(f"| {run.label} | {run.calls_by_status} | {run.a_submit_s:.1f} |")
+        submit = f"{run.a_submit_s:.1f}" if run.a_jobs else "-"
+        lines.append(f"| {run.label} | {run.calls_by_status} | {submit} |")
     rows = neighbour_targets(results)
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for target, measured, met in rows:
