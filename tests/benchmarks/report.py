@@ -866,8 +866,8 @@ def render_tiers(results: Results, charts: list[str]) -> list[str]:
             f"~{scenario.prompt_chars // 4} tokens, each answer ~{scenario.response_bytes // 6} "
             "(the stand-in counts ceil(characters / 4)). Standard calls try the PT regions "
             "first (PT while it has room, then on demand); `auto` runs flex while a job's "
-            "time left exceeds the p95 of the model's standard calls (10 s before any is "
-            "timed), then standard. The provisioned variant is "
+            "time left exceeds a standard reserve (10 s until a standard call is timed, "
+            "then 3 x their p95 + 1 s), then standard. The provisioned variant is "
             f"{scenario.provisioned_jobs:,} jobs of tier `provisioned`.",
             "",
         ]
