@@ -123,12 +123,9 @@ def webhook_sender(settings: Settings, keyring: KeyRing | None) -> WebhookSender
 
 async def webhook_push(request: Request) -> Response:
     """POST /webhooks: one completion event pushed by the webhook subscription."""
-    verifier: PushVerifier | None = request.app.state.push_verifier
-    if verifier is not None:
-        try:
-            await verifier.verify(request.headers.get("authorization"))
-        except AuthError as exc:
-            return _refused(exc)
+    refusal = await _push_refusal(request)
+    if refusal is not None:
+        return refusal
     sender: WebhookSender = request.app.state.webhooks
     try:
         data = read_event(json.loads(await read_body(request, MAX_EVENT_ENVELOPE_BYTES)))
@@ -152,12 +149,9 @@ async def webhook_push(request: Request) -> Response:
 
 async def push(request: Request) -> Response:
     """POST /: one Pub/Sub push delivery."""
-    verifier: PushVerifier | None = request.app.state.push_verifier
-    if verifier is not None:
-        try:
-            await verifier.verify(request.headers.get("authorization"))
-        except AuthError as exc:
-            return _refused(exc)
+    refusal = await _push_refusal(request)
+    if refusal is not None:
+        return refusal
     runtime: Runtime = request.app.state.runtime
     assert runtime.executor is not None
     try:
@@ -183,6 +177,19 @@ async def push(request: Request) -> Response:
             {"Retry-After": str(int(outcome.retry_after_s) or 1)},
         )
     return json_response({"job_id": delivery.job_id, "status": status}, 200)
+
+
+async def _push_refusal(request: Request) -> Response | None:
+    """The answer to a push whose OIDC token does not pass (None: it passes, or push
+    authentication is off)."""
+    verifier: PushVerifier | None = request.app.state.push_verifier
+    if verifier is None:
+        return None
+    try:
+        await verifier.verify(request.headers.get("authorization"))
+    except AuthError as exc:
+        return _refused(exc)
+    return None
 
 
 def _refused(exc: AuthError) -> Response:
