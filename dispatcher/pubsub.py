@@ -1,7 +1,7 @@
 """Pub/Sub: every Pub/Sub call of the project is in this file.
 
-Two topics: the jobs' (`PUBSUB_TOPIC`, mode 3) and, optionally, the completion events'
-(`RESULTS_TOPIC`, any mode).
+Topics: the jobs' (`PUBSUB_TOPIC`, mode 3), optionally the interactive jobs' beside it
+(`INTERACTIVE_TOPIC`), and optionally the completion events' (`RESULTS_TOPIC`, any mode).
 
 The ingress publishes one small message per job (`{"job_id": ...}`, the id also
 as an attribute); the request itself stays in Firestore, so a message is far
@@ -59,10 +59,27 @@ class TopicPublisher:
 
 
 class PubSubQueue:
-    """Publishes jobs to a topic; the push-subscribed worker executes them."""
+    """Publishes jobs to a topic; the push-subscribed worker executes them.
 
-    def __init__(self, *, project: str, topic: str, timeout_s: float = 30.0) -> None:
+    With an interactive topic, jobs of `priority=interactive` go there instead: its own
+    push subscription delivers them however deep the batch topic's backlog is, and the
+    worker's region slots then serve them before batch calls (`dispatcher.fairness`).
+    """
+
+    def __init__(
+        self,
+        *,
+        project: str,
+        topic: str,
+        interactive_topic: str | None = None,
+        timeout_s: float = 30.0,
+    ) -> None:
         self._publisher = TopicPublisher(project=project, topic=topic, timeout_s=timeout_s)
+        self._interactive = (
+            TopicPublisher(project=project, topic=interactive_topic, timeout_s=timeout_s)
+            if interactive_topic
+            else None
+        )
 
     def admit(self) -> None:
         """Pub/Sub holds the backlog; nothing to reserve in this process."""
@@ -71,13 +88,16 @@ class PubSubQueue:
         """Nothing was reserved."""
 
     async def dispatch(self, job: Job) -> None:
-        """Publish the job's id and wait for Pub/Sub to accept it.
+        """Publish the job's id to its class's topic and wait for Pub/Sub to accept it.
 
         Raises:
             PublishFailed: it was not accepted.
         """
+        publisher = self._publisher
+        if self._interactive is not None and job.priority != "batch":
+            publisher = self._interactive
         data = json.dumps({"job_id": job.job_id}).encode()
-        await self._publisher.publish(data, {"job_id": job.job_id})
+        await publisher.publish(data, {"job_id": job.job_id})
 
     async def redispatch(self, job: Job) -> None:
         """Publish again (the recovery sweep)."""
@@ -87,8 +107,10 @@ class PubSubQueue:
         """Nothing to start: the client connects on first publish."""
 
     async def close(self) -> None:
-        """Flush pending publishes and stop the client's threads."""
+        """Flush pending publishes and stop the clients' threads."""
         await self._publisher.close()
+        if self._interactive is not None:
+            await self._interactive.close()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -167,7 +167,11 @@ async def open_runtime(settings: Settings, *, executes: bool) -> AsyncIterator[R
             from dispatcher.pubsub import PubSubQueue
 
             assert settings.pubsub_topic is not None
-            pubsub = PubSubQueue(project=settings.project, topic=settings.pubsub_topic)
+            pubsub = PubSubQueue(
+                project=settings.project,
+                topic=settings.pubsub_topic,
+                interactive_topic=settings.interactive_topic,
+            )
             queue = pubsub
             sweeper = Sweeper(manager, pubsub, interval_s=settings.sweep_interval_s, events=events)
         elif executor is not None:

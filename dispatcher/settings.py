@@ -384,6 +384,16 @@ class Settings:
             _matching(_TOPIC, "{raw!r} is not a topic id"),
         ),
     )
+    interactive_topic: str | None = field(
+        default=None,
+        metadata=_declare(
+            "INTERACTIVE_TOPIC",
+            "topic id in `GOOGLE_CLOUD_PROJECT` for the jobs of `priority=interactive` keys "
+            "(mode 3), pushed to the worker by a subscription of its own so they never "
+            "queue behind a batch backlog in `PUBSUB_TOPIC`'s; unset: one topic for all",
+            _matching(_TOPIC, "{raw!r} is not a topic id"),
+        ),
+    )
     results_topic: str | None = field(
         default=None,
         metadata=_declare(
@@ -813,6 +823,15 @@ class Settings:
                 "PUBSUB_TOPIC",
                 "needs FIRESTORE_COLLECTION too: the ingress and the worker share job state "
                 "through Firestore",
+            )
+        if self.interactive_topic and not self.pubsub_topic:
+            raise ConfigError(
+                "INTERACTIVE_TOPIC", "needs PUBSUB_TOPIC too: it splits mode 3's job topic"
+            )
+        if self.interactive_topic and self.interactive_topic == self.pubsub_topic:
+            raise ConfigError(
+                "INTERACTIVE_TOPIC",
+                "must differ from PUBSUB_TOPIC: its point is a subscription of its own",
             )
         if self.vertex_backoff_max_s < self.vertex_backoff_initial_s:
             raise ConfigError("VERTEX_BACKOFF_MAX_S", "must not be below VERTEX_BACKOFF_INITIAL_S")

@@ -239,6 +239,21 @@ def test_values_are_parsed(env: dict[str, str], field: str, value: object) -> No
             "not a topic id",
         ),
         (
+            {"FIRESTORE_COLLECTION": "j", "FIRESTORE_DATABASE": "d", "INTERACTIVE_TOPIC": "fast"},
+            "INTERACTIVE_TOPIC",
+            "needs PUBSUB_TOPIC",
+        ),
+        (
+            {
+                "FIRESTORE_COLLECTION": "j",
+                "FIRESTORE_DATABASE": "d",
+                "PUBSUB_TOPIC": "jobs",
+                "INTERACTIVE_TOPIC": "jobs",
+            },
+            "INTERACTIVE_TOPIC",
+            "must differ from PUBSUB_TOPIC",
+        ),
+        (
             {"VERTEX_BACKOFF_INITIAL_S": "5", "VERTEX_BACKOFF_MAX_S": "1"},
             "VERTEX_BACKOFF_MAX_S",
             "below",
