@@ -297,6 +297,7 @@ app_env=(
   "FIRESTORE_DATABASE=$FIRESTORE_DATABASE"
   "FIRESTORE_COLLECTION=$FIRESTORE_COLLECTION"
   "PUBSUB_TOPIC=$PUBSUB_TOPIC"
+  "INTERACTIVE_TOPIC=$INTERACTIVE_TOPIC"
   "LOG_LEVEL=$LOG_LEVEL"
 )
 for name in VERTEX_MAX_RETRIES VERTEX_BACKOFF_INITIAL_S VERTEX_BACKOFF_MAX_S VERTEX_TIMEOUT_S JOB_TTL_S \
@@ -346,23 +347,29 @@ run_retrying gcloud run services add-iam-policy-binding "$WORKER_SERVICE" --regi
 # --- 6. Pub/Sub ------------------------------------------------------------------
 # After the worker: its URL is the push endpoint.
 log "Pub/Sub"
+# The same policy for both job subscriptions: the batch one on PUBSUB_TOPIC and the
+# interactive one, so Pub/Sub delivers the jobs of priority=interactive keys however
+# deep the batch backlog is (README, Many teams, one dispatcher).
 pubsub_args=(
-  --project "$PROJECT_ID" --topic "$PUBSUB_TOPIC" --subscription "$PUSH_SUBSCRIPTION"
-  --push-endpoint "$WORKER_URL/"
+  --project "$PROJECT_ID" --push-endpoint "$WORKER_URL/"
   --dead-letter-topic "$DEAD_LETTER_TOPIC" --dead-letter-subscription "$DEAD_LETTER_SUBSCRIPTION"
   --max-delivery-attempts "$MAX_DELIVERY_ATTEMPTS" --ack-deadline "$ACK_DEADLINE_S"
   --min-retry-delay "$MIN_RETRY_DELAY" --max-retry-delay "$MAX_RETRY_DELAY"
   --push-service-account "$INVOKER_SA_EMAIL" --audience "$PUSH_AUDIENCE"
 )
 if [[ $DRY_RUN == true ]]; then pubsub_args+=(--dry-run); fi
-"$SCRIPT_DIR/pubsub.sh" "${pubsub_args[@]}"
+"$SCRIPT_DIR/pubsub.sh" --topic "$PUBSUB_TOPIC" --subscription "$PUSH_SUBSCRIPTION" "${pubsub_args[@]}"
+"$SCRIPT_DIR/pubsub.sh" --topic "$INTERACTIVE_TOPIC" --subscription "$INTERACTIVE_SUBSCRIPTION" \
+  "${pubsub_args[@]}"
 
 # The ingress publishes new jobs; the worker republishes the ones the recovery
-# sweep finds stranded. Both on this topic only.
-for email in "$INGRESS_SA_EMAIL" "$WORKER_SA_EMAIL"; do
-  run_retrying gcloud pubsub topics add-iam-policy-binding "$PUBSUB_TOPIC" \
-    --member="serviceAccount:$email" --role=roles/pubsub.publisher \
-    --project="$PROJECT_ID" --format=none
+# sweep finds stranded. Both on the two job topics only.
+for topic in "$PUBSUB_TOPIC" "$INTERACTIVE_TOPIC"; do
+  for email in "$INGRESS_SA_EMAIL" "$WORKER_SA_EMAIL"; do
+    run_retrying gcloud pubsub topics add-iam-policy-binding "$topic" \
+      --member="serviceAccount:$email" --role=roles/pubsub.publisher \
+      --project="$PROJECT_ID" --format=none
+  done
 done
 # Completion events (RESULTS_TOPIC, optional): both services publish them (the worker
 # for the jobs it finishes, the ingress for cancellations and the sweep).
@@ -404,9 +411,11 @@ fi
 run_retrying gcloud pubsub topics add-iam-policy-binding "$DEAD_LETTER_TOPIC" \
   --member="serviceAccount:$PUBSUB_AGENT" --role=roles/pubsub.publisher \
   --project="$PROJECT_ID" --format=none
-run_retrying gcloud pubsub subscriptions add-iam-policy-binding "$PUSH_SUBSCRIPTION" \
-  --member="serviceAccount:$PUBSUB_AGENT" --role=roles/pubsub.subscriber \
-  --project="$PROJECT_ID" --format=none
+for subscription in "$PUSH_SUBSCRIPTION" "$INTERACTIVE_SUBSCRIPTION"; do
+  run_retrying gcloud pubsub subscriptions add-iam-policy-binding "$subscription" \
+    --member="serviceAccount:$PUBSUB_AGENT" --role=roles/pubsub.subscriber \
+    --project="$PROJECT_ID" --format=none
+done
 
 # --- 7. The ingress ----------------------------------------------------------------
 log "deploying the ingress"

@@ -150,6 +150,8 @@ if [ "$MODE" = pubsub ]; then
   export PUBSUB_EMULATOR_HOST="127.0.0.1:$PUBSUB_PORT"
   export FIRESTORE_COLLECTION=${FIRESTORE_COLLECTION:-jobs} FIRESTORE_DATABASE='(default)'
   export PUBSUB_TOPIC=${PUBSUB_TOPIC:-dispatcher-jobs}
+  # The jobs of priority=interactive keys: a topic and push of their own (README).
+  export INTERACTIVE_TOPIC=${INTERACTIVE_TOPIC:-$PUBSUB_TOPIC-interactive}
   WORKER_URLS=()
   for i in $(seq 1 "${WORKERS:-1}"); do
     if [ "$i" = 1 ]; then name=worker port=$WORKER_PORT; else name=worker-$i port=$(free_port); fi
@@ -160,28 +162,31 @@ if [ "$MODE" = pubsub ]; then
     if [ "$i" = 1 ]; then name=worker; else name=worker-$i; fi
     wait_for "$name" "${WORKER_URLS[$((i - 1))]}healthz" ok
   done
-  if [ -z "$WORKERS" ]; then
-    CLOUDSDK_API_ENDPOINT_OVERRIDES_PUBSUB="http://127.0.0.1:$PUBSUB_PORT/" \
-    CLOUDSDK_AUTH_DISABLE_CREDENTIALS=true CLOUDSDK_CORE_PROJECT="$GOOGLE_CLOUD_PROJECT" \
-      bash infra/pubsub.sh --project "$GOOGLE_CLOUD_PROJECT" --topic "$PUBSUB_TOPIC" \
-        --subscription "$PUBSUB_TOPIC-push" --push-endpoint "http://127.0.0.1:$WORKER_PORT/" \
-        --ack-deadline 600 --min-retry-delay 1s --max-retry-delay 60s >"$STATE/pubsub-setup.log"
-    PUSHER="pushed to by the Pub/Sub emulator"
-  else
-    # No retry policy on the pull subscription: the relay waits out the backoff itself
-    # and keeps extending the ack deadline of what it holds (see push_relay.py).
-    emulator_put "topics/$PUBSUB_TOPIC" '{}'
-    emulator_put "subscriptions/$PUBSUB_TOPIC-pull" \
-      "{\"topic\": \"projects/$GOOGLE_CLOUD_PROJECT/topics/$PUBSUB_TOPIC\", \"ackDeadlineSeconds\": 60}"
-    relay_args=()
-    for url in "${WORKER_URLS[@]}"; do relay_args+=(--worker "$url"); done
-    # The same push timeout and retry delays as the emulator push subscription above.
-    start relay "$VENV/bin/python" -m dispatcher_devtools.push_relay \
-      --subscription "projects/$GOOGLE_CLOUD_PROJECT/subscriptions/$PUBSUB_TOPIC-pull" \
-      "${relay_args[@]}" --ack-deadline-s 600 --min-backoff-s 1 --max-backoff-s 60
-    wait_for_log relay "push-relay:"
-    PUSHER="pushed to by dispatcher_devtools.push_relay"
-  fi
+  for topic in "$PUBSUB_TOPIC" "$INTERACTIVE_TOPIC"; do
+    if [ -z "$WORKERS" ]; then
+      CLOUDSDK_API_ENDPOINT_OVERRIDES_PUBSUB="http://127.0.0.1:$PUBSUB_PORT/" \
+      CLOUDSDK_AUTH_DISABLE_CREDENTIALS=true CLOUDSDK_CORE_PROJECT="$GOOGLE_CLOUD_PROJECT" \
+        bash infra/pubsub.sh --project "$GOOGLE_CLOUD_PROJECT" --topic "$topic" \
+          --subscription "$topic-push" --push-endpoint "http://127.0.0.1:$WORKER_PORT/" \
+          --ack-deadline 600 --min-retry-delay 1s --max-retry-delay 60s >>"$STATE/pubsub-setup.log"
+      PUSHER="pushed to by the Pub/Sub emulator"
+    else
+      # No retry policy on the pull subscription: the relay waits out the backoff itself
+      # and keeps extending the ack deadline of what it holds (see push_relay.py).
+      emulator_put "topics/$topic" '{}'
+      emulator_put "subscriptions/$topic-pull" \
+        "{\"topic\": \"projects/$GOOGLE_CLOUD_PROJECT/topics/$topic\", \"ackDeadlineSeconds\": 60}"
+      relay_args=()
+      for url in "${WORKER_URLS[@]}"; do relay_args+=(--worker "$url"); done
+      if [ "$topic" = "$PUBSUB_TOPIC" ]; then name=relay; else name=relay-interactive; fi
+      # The same push timeout and retry delays as the emulator push subscription above.
+      start "$name" "$VENV/bin/python" -m dispatcher_devtools.push_relay \
+        --subscription "projects/$GOOGLE_CLOUD_PROJECT/subscriptions/$topic-pull" \
+        "${relay_args[@]}" --ack-deadline-s 600 --min-backoff-s 1 --max-backoff-s 60
+      wait_for_log "$name" "push-relay:"
+      PUSHER="pushed to by dispatcher_devtools.push_relay"
+    fi
+  done
 fi
 
 HOST=127.0.0.1 PORT=$INGRESS_PORT start ingress "$VENV/bin/python" -m ingress

@@ -67,17 +67,19 @@ project=(--project="$PROJECT_ID")
 log "Cloud Run services"
 delete_if_present "service $INGRESS_SERVICE" run services describe "$INGRESS_SERVICE" "${region[@]}" \
   -- run services delete "$INGRESS_SERVICE" "${region[@]}"
-# The push subscription goes before the worker, so nothing pushes to a service
+# The push subscriptions go before the worker, so nothing pushes to a service
 # that no longer exists.
 log "Pub/Sub"
-delete_if_present "subscription $PUSH_SUBSCRIPTION" pubsub subscriptions describe "$PUSH_SUBSCRIPTION" "${project[@]}" \
-  -- pubsub subscriptions delete "$PUSH_SUBSCRIPTION" "${project[@]}"
+for subscription in "$PUSH_SUBSCRIPTION" "$INTERACTIVE_SUBSCRIPTION"; do
+  delete_if_present "subscription $subscription" pubsub subscriptions describe "$subscription" "${project[@]}" \
+    -- pubsub subscriptions delete "$subscription" "${project[@]}"
+done
 delete_if_present "service $WORKER_SERVICE" run services describe "$WORKER_SERVICE" "${region[@]}" \
   -- run services delete "$WORKER_SERVICE" "${region[@]}"
 delete_if_present "subscription $DEAD_LETTER_SUBSCRIPTION" pubsub subscriptions describe "$DEAD_LETTER_SUBSCRIPTION" "${project[@]}" \
   -- pubsub subscriptions delete "$DEAD_LETTER_SUBSCRIPTION" "${project[@]}"
 # The results topic too (not its subscriptions: they are the consumers' own).
-for topic in "$PUBSUB_TOPIC" "$DEAD_LETTER_TOPIC" ${RESULTS_TOPIC:+"$RESULTS_TOPIC"}; do
+for topic in "$PUBSUB_TOPIC" "$INTERACTIVE_TOPIC" "$DEAD_LETTER_TOPIC" ${RESULTS_TOPIC:+"$RESULTS_TOPIC"}; do
   delete_if_present "topic $topic" pubsub topics describe "$topic" "${project[@]}" \
     -- pubsub topics delete "$topic" "${project[@]}"
 done

@@ -97,13 +97,15 @@ def stack_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ca
         if mode == "pubsub":
             assert emulators is not None
             stack.worker = ServiceProcess.start("worker", env, log_dir=tmp_path)
-            create_push_subscription(
-                emulators.pubsub.env(),
-                topic=env["PUBSUB_TOPIC"],
-                subscription=unique("push"),
-                endpoint=f"{stack.worker.url}/",
-                ack_deadline=ack_deadline,
-            )
+            # The interactive topic (when asked for) gets its own push, as deploy.sh does.
+            for topic in filter(None, (env["PUBSUB_TOPIC"], env.get("INTERACTIVE_TOPIC"))):
+                create_push_subscription(
+                    emulators.pubsub.env(),
+                    topic=topic,
+                    subscription=unique("push"),
+                    endpoint=f"{stack.worker.url}/",
+                    ack_deadline=ack_deadline,
+                )
         for _ in range(ingresses):
             stack.ingresses.append(ServiceProcess.start("ingress", env, log_dir=tmp_path))
         return stack

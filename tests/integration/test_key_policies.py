@@ -268,3 +268,38 @@ def test_a_key_rate_holds_for_the_service_across_mode_3_ingresses(
         for i in range(8)
     ]
     assert sorted(statuses) == [202] * 4 + [429] * 4
+
+
+def test_an_interactive_job_overtakes_a_batch_backlog_in_mode_3(
+    stack_factory: Callable[..., Stack], tmp_path: Path
+) -> None:
+    """Mode 3 with INTERACTIVE_TOPIC (its own push subscription, as deploy.sh makes it):
+    alice (batch) queues 40 jobs of 0.5 s calls; bob's (interactive) job, sent after,
+    is final while most of alice's are not, and within a few calls' time, because neither
+    Pub/Sub's backlog nor the worker's region slots put it behind hers."""
+    path = keys_file(
+        tmp_path, key_line("alice", "priority=batch"), key_line("bob", "priority=interactive")
+    )
+    stack = stack_factory(
+        "pubsub",
+        API_KEYS_FILE=str(path),
+        INTERACTIVE_TOPIC=unique("interactive"),
+        standin={"default": {"latency_s": 0.5}},
+    )
+    backlog = [submit(stack, "alice") for _ in range(40)]
+    assert all(response.status_code == 202 for response in backlog)
+    time.sleep(1.0)  # the backlog is in Pub/Sub and the worker
+    sent = time.monotonic()
+    job_id = submit(stack, "bob").json()["job_id"]
+    view = stack.http.get(f"{stack.ingress.url}/jobs/{job_id}", headers=as_("bob")).json()
+    while view["status"] not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() - sent < 30, f"bob's job still {view['status']}"
+        time.sleep(0.05)
+        view = stack.http.get(f"{stack.ingress.url}/jobs/{job_id}", headers=as_("bob")).json()
+    waited = time.monotonic() - sent
+    counts = stack.http.get(
+        f"{stack.ingress.url}/jobs", params={"page_size": 1}, headers=as_("alice")
+    ).json()["counts"]
+    assert view["status"] == "succeeded"
+    assert counts["pending"] + counts["running"] >= 20, counts
+    assert waited < 5.0, f"bob waited {waited:.1f} s behind alice's backlog"

@@ -415,6 +415,8 @@ def test_dry_run_grants_exactly_the_least_privilege_roles(dry_run: Callable[...,
         ("projects", PROJECT, f"serviceAccount:{WORKER_SA}", "roles/aiplatform.user"),
         ("pubsub topics", "dispatcher-jobs", f"serviceAccount:{INGRESS_SA}", PUBLISHER),
         ("pubsub topics", "dispatcher-jobs", f"serviceAccount:{WORKER_SA}", PUBLISHER),
+        ("pubsub topics", "dispatcher-jobs-interactive", f"serviceAccount:{INGRESS_SA}", PUBLISHER),
+        ("pubsub topics", "dispatcher-jobs-interactive", f"serviceAccount:{WORKER_SA}", PUBLISHER),
         ("run services", "dispatcher-worker", f"serviceAccount:{INVOKER_SA}", "roles/run.invoker"),
         (
             "iam service-accounts", INVOKER_SA, f"serviceAccount:{PUBSUB_AGENT}",
@@ -428,19 +430,30 @@ def test_dry_run_grants_exactly_the_least_privilege_roles(dry_run: Callable[...,
             "pubsub subscriptions", "dispatcher-jobs-push", f"serviceAccount:{PUBSUB_AGENT}",
             "roles/pubsub.subscriber",
         ),
+        (
+            "pubsub subscriptions", "dispatcher-jobs-interactive-push",
+            f"serviceAccount:{PUBSUB_AGENT}", "roles/pubsub.subscriber",
+        ),
     }  # fmt: skip
 
 
 def test_dry_run_creates_topics_and_dead_letter_subscription(dry_run: Callable[..., Run]) -> None:
-    """The jobs topic, the dead-letter topic, and a pull subscription on the latter."""
+    """The jobs topics (batch, interactive), the dead-letter topic, and a pull subscription
+    on the latter (a dry run cannot see that the second pubsub.sh finds the dead-letter
+    topic created by the first, so it may list it twice)."""
     done = dry_run()
-    topics = [c[4] for c in done.find("gcloud", "pubsub", "topics", "create")]
-    assert topics == ["dispatcher-jobs", "dispatcher-jobs-dead-letter"]
-    dead = done.one(
+    topics = {c[4] for c in done.find("gcloud", "pubsub", "topics", "create")}
+    assert sorted(topics) == [
+        "dispatcher-jobs",
+        "dispatcher-jobs-dead-letter",
+        "dispatcher-jobs-interactive",
+    ]
+    dead = done.find(
         "gcloud", "pubsub", "subscriptions", "create", "dispatcher-jobs-dead-letter-sub"
     )
-    assert flags(dead)["topic"] == "dispatcher-jobs-dead-letter"
-    assert "push-endpoint" not in flags(dead)
+    assert dead and all(command == dead[0] for command in dead)
+    assert flags(dead[0])["topic"] == "dispatcher-jobs-dead-letter"
+    assert "push-endpoint" not in flags(dead[0])
 
 
 def test_dry_run_push_subscription_has_auth_retry_and_dead_letter(
@@ -457,6 +470,23 @@ def test_dry_run_push_subscription_has_auth_retry_and_dead_letter(
     assert push["dead-letter-topic"] == "dispatcher-jobs-dead-letter"
     assert push["max-delivery-attempts"] == "7"
     assert (push["min-retry-delay"], push["max-retry-delay"]) == ("5s", "600s")
+
+
+def test_interactive_subscription_has_the_jobs_subscriptions_policy(
+    dry_run: Callable[..., Run],
+) -> None:
+    """The interactive jobs' push subscription differs from the batch one only in its topic
+    and name, and both services are told the interactive topic."""
+    done = dry_run(ACK_DEADLINE_S="300", MAX_DELIVERY_ATTEMPTS="7")
+    push = flags(done.one("gcloud", "pubsub", "subscriptions", "create", "dispatcher-jobs-push"))
+    fast = flags(
+        done.one("gcloud", "pubsub", "subscriptions", "create", "dispatcher-jobs-interactive-push")
+    )
+    assert fast.pop("topic") == "dispatcher-jobs-interactive"
+    assert push.pop("topic") == "dispatcher-jobs"
+    assert fast == push
+    for service in ("worker", "ingress"):
+        assert done.env_file(service)["INTERACTIVE_TOPIC"] == "dispatcher-jobs-interactive"
 
 
 def test_worker_settings_match_the_push_subscription(dry_run: Callable[..., Run]) -> None:
@@ -733,8 +763,10 @@ def test_teardown_removes_what_deploy_created(
         ("run", "services", "dispatcher-ingress"),
         ("run", "services", "dispatcher-worker"),
         ("pubsub", "subscriptions", "dispatcher-jobs-push"),
+        ("pubsub", "subscriptions", "dispatcher-jobs-interactive-push"),
         ("pubsub", "subscriptions", "dispatcher-jobs-dead-letter-sub"),
         ("pubsub", "topics", "dispatcher-jobs"),
+        ("pubsub", "topics", "dispatcher-jobs-interactive"),
         ("pubsub", "topics", "dispatcher-jobs-dead-letter"),
         ("iam", "service-accounts", INGRESS_SA),
         ("iam", "service-accounts", WORKER_SA),
