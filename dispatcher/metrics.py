@@ -69,6 +69,14 @@ KEY_REFUSALS = Counter(
     ["caller", "limit"],
     registry=None,  # registered per runtime by `build_registry`
 )
+KEY_QUEUE_WAIT = Histogram(
+    "dispatcher_key_queue_wait_seconds",
+    "Time each Vertex call waited for a region slot, by caller and class (interactive, "
+    "batch): the wait the fair share orders.",
+    ["caller", "priority"],
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+    registry=None,  # registered per runtime by `build_registry`
+)
 WEBHOOKS = Counter(
     "dispatcher_webhooks",
     "Webhook deliveries by outcome: delivered, retry (the receiver failed or was "
@@ -94,6 +102,7 @@ def build_registry(
         COST,
         KEY_JOBS,
         KEY_REFUSALS,
+        KEY_QUEUE_WAIT,
         WEBHOOKS,
     ):
         registry.register(collector)

@@ -33,7 +33,7 @@ from yarl import URL
 from dispatcher.errors import DispatcherError, RegionsBusy
 from dispatcher.fairness import DEFAULT_SHARE, Share
 from dispatcher.jobs import JobError, JsonObject
-from dispatcher.metrics import UPSTREAM_CALLS, UPSTREAM_LATENCY
+from dispatcher.metrics import KEY_QUEUE_WAIT, UPSTREAM_CALLS, UPSTREAM_LATENCY
 from dispatcher.regions import Outcome, RegionPool
 from dispatcher.settings import Tier
 from dispatcher.status import status_name
@@ -289,7 +289,8 @@ class VertexClient:
         give_up_at: float,
         share: Share,
     ) -> JsonObject:
-        remaining_s = give_up_at - time.monotonic()
+        waiting_since = time.monotonic()
+        remaining_s = give_up_at - waiting_since
         try:
             slot = await self._pool.acquire(
                 order,
@@ -301,6 +302,9 @@ class VertexClient:
             # No call was made: a transient failure, so the job is given back for later.
             error = JobError(code=429, status="RESOURCE_EXHAUSTED", message=f"{exc}; not called")
             raise VertexError(error, region=order[0]) from None
+        KEY_QUEUE_WAIT.labels(share.tenant, "batch" if share.batch else "interactive").observe(
+            time.monotonic() - waiting_since
+        )
         tried.append(slot.region)
         failure: VertexError | None = None
         started = time.perf_counter()

@@ -303,3 +303,14 @@ def test_an_interactive_job_overtakes_a_batch_backlog_in_mode_3(
     assert view["status"] == "succeeded"
     assert counts["pending"] + counts["running"] >= 20, counts
     assert waited < 5.0, f"bob waited {waited:.1f} s behind alice's backlog"
+    assert stack.worker is not None
+    metrics = stack.http.get(f"{stack.worker.url}/metrics").text
+    waits = {
+        (caller, priority): float(count)
+        for caller, priority, count in re.findall(
+            r'^dispatcher_key_queue_wait_seconds_count\{caller="(\w+)",priority="(\w+)"\} (\S+)$',
+            metrics,
+            re.M,
+        )
+    }
+    assert waits[("bob", "interactive")] == 1.0 and waits[("alice", "batch")] >= 1.0, waits
