@@ -62,15 +62,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import random
 import secrets
 import socket
 import time
-from collections.abc import Mapping, Sequence
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -80,9 +84,9 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Receive
+from starlette.types import Receive, Scope, Send
 
 from dispatcher.errors import ConfigError
 from dispatcher.status import status_name
@@ -117,6 +121,24 @@ _MESSAGES: Final[Mapping[int, str]] = MappingProxyType(
 )
 
 _JSON_HEADERS: Final = {"content-type": "application/json; charset=UTF-8"}
+
+# The methods (the part of the path after "MODEL:") the stand-in answers.
+GENERATE_CONTENT: Final = "generateContent"
+STREAM_GENERATE_CONTENT: Final = "streamGenerateContent"
+COUNT_TOKENS: Final = "countTokens"
+COMPUTE_TOKENS: Final = "computeTokens"
+PREDICT: Final = "predict"
+"""Text embeddings of ``text-embedding-*`` models (and what google-genai uses for them)."""
+EMBED_CONTENT: Final = "embedContent"
+"""One embedding of a Gemini embedding model (google-genai, one content)."""
+BATCH_EMBED_CONTENTS: Final = "batchEmbedContents"
+"""Several embeddings of a Gemini embedding model (google-genai, several contents)."""
+
+DEFAULT_EMBEDDING_DIMENSION: Final = 768
+"""Values per embedding when the request names no ``outputDimensionality``."""
+# Models whose default (and largest) dimension is not DEFAULT_EMBEDDING_DIMENSION.
+# https://cloud.google.com/vertex-ai/generative-ai/docs/embeddings/get-text-embeddings
+_EMBEDDING_DIMENSIONS: Final[Mapping[str, int]] = MappingProxyType({"gemini-embedding-001": 3072})
 
 GLOBAL_LOCATION: Final = "global"
 """The one location that serves Flex and Priority PayGo."""
@@ -217,6 +239,23 @@ def _validated(name: str, value: object, where: str) -> Any:
         if latency < 0:
             raise ConfigError(where, "must be >= 0 or null (null: the region's latency_s)")
         return latency
+    if name == "stream_chunks":
+        chunks = _integer(value, where)
+        if chunks < 1:
+            raise ConfigError(where, "must be >= 1")
+        return chunks
+    if name == "chunk_delay_s":
+        delay = _number(value, where)
+        if delay < 0:
+            raise ConfigError(where, "must be >= 0")
+        return delay
+    if name == "stream_fail_after":
+        if value is None:
+            return None
+        after = _integer(value, where)
+        if after < 0:
+            raise ConfigError(where, "must be >= 0 (0: break before the first chunk) or null")
+        return after
     if name in _PAYGO_NAMES:
         if value is None:
             return None
@@ -252,6 +291,13 @@ class RegionBehaviour:
         flex: The Flex PayGo pool (``global`` only): a behaviour with only the
             pay-as-you-go fields. None means flex calls use the pay-as-you-go pool.
         priority: The Priority PayGo pool, like ``flex``.
+        stream_chunks: The number of chunks a ``streamGenerateContent`` reply is split
+            into (fewer if the reply has fewer characters), whichever pool serves it.
+        chunk_delay_s: Seconds between two chunks of a stream (the first one follows the
+            pool's latency).
+        stream_fail_after: Break every stream of the region after this many chunks: the
+            connection is dropped without the rest, as when an upstream stream breaks.
+            None means streams run to their end.
     """
 
     latency_s: float = 0.0
@@ -264,6 +310,9 @@ class RegionBehaviour:
     provisioned_latency_s: float | None = None
     flex: RegionBehaviour | None = None
     priority: RegionBehaviour | None = None
+    stream_chunks: int = 4
+    chunk_delay_s: float = 0.0
+    stream_fail_after: int | None = None
 
     def __post_init__(self) -> None:
         # Validate Python-built behaviours as strictly as JSON ones, and normalise
@@ -329,6 +378,9 @@ class RegionBehaviour:
             "provisioned_latency_s": self.provisioned_latency_s,
             "flex": None if self.flex is None else self.flex._pool_doc(),
             "priority": None if self.priority is None else self.priority._pool_doc(),
+            "stream_chunks": self.stream_chunks,
+            "chunk_delay_s": self.chunk_delay_s,
+            "stream_fail_after": self.stream_fail_after,
         }
 
     def _pool_doc(self) -> dict[str, Any]:
@@ -505,8 +557,9 @@ class _RegionState:
 
 @dataclass(frozen=True, slots=True)
 class _Call:
-    """One generateContent call, as the bookkeeping needs it."""
+    """One model call, as the bookkeeping needs it."""
 
+    method: str
     region: str
     state: _RegionState
     arrived: float
@@ -515,9 +568,29 @@ class _Call:
     shared_request_type: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class _Grant:
+    """What admission gave a call: the pool it holds a slot in and how that pool answers."""
+
+    pool: _PoolState
+    status: int
+    latency_s: float
+    traffic_type: str
+    response_bytes: int
+
+
 # The call log's tuples: (t, region, status, text[:200], latency_s, request_type,
-# shared_request_type, traffic_type). Tuples, not dicts, to keep the hot path cheap.
-_LogEntry = tuple[float, str, int, str, float, str | None, str | None, str | None]
+# shared_request_type, traffic_type, method, chunk_times). Tuples, not dicts, to keep the
+# hot path cheap.
+_LogEntry = tuple[
+    float, str, int, str, float, str | None, str | None, str | None, str, tuple[float, ...] | None
+]
+
+_Handler = Callable[[Request, _Call, str, bytes], Awaitable[Response]]
+
+
+class StreamBroken(Exception):
+    """Raised inside a stream on purpose (``stream_fail_after``) to drop the connection."""
 
 
 class _Standin:
@@ -536,15 +609,27 @@ class _Standin:
         self.authorization_headers = 0
         self.calls_by_text: collections.Counter[str] = collections.Counter()
         self.call_log: collections.deque[_LogEntry] = collections.deque(maxlen=CALL_LOG_LIMIT)
+        self.handlers: Mapping[str, _Handler] = MappingProxyType(
+            {
+                GENERATE_CONTENT: self._generate_content,
+                STREAM_GENERATE_CONTENT: self._stream_generate_content,
+                COUNT_TOKENS: self._count_tokens,
+                COMPUTE_TOKENS: self._compute_tokens,
+                PREDICT: self._embed,
+                EMBED_CONTENT: self._embed,
+                BATCH_EMBED_CONTENTS: self._embed,
+            }
+        )
 
-    # -- generateContent ---------------------------------------------------------------
+    # -- model calls -------------------------------------------------------------------
 
-    async def generate_content(self, request: Request) -> Response:
-        """Answer one generateContent call as the region's behaviour and the headers say."""
+    async def model_call(self, request: Request) -> Response:
+        """Answer one call to a publisher model, as its method and its region say."""
         arrived = time.monotonic()
         params = request.path_params
-        model, _, action = str(params["model_action"]).rpartition(":")
-        if params["version"] not in API_VERSIONS or action != "generateContent" or not model:
+        model, _, method = str(params["model_action"]).rpartition(":")
+        handler = self.handlers.get(method)
+        if params["version"] not in API_VERSIONS or handler is None or not model:
             return google_error(404, f"Method not found: {request.url.path}")
         # Read the body before touching any state: a reset or config change may happen
         # during this await, and the call must count against what is current after it.
@@ -556,36 +641,182 @@ class _Standin:
         headers = request.headers
         if "authorization" in headers:
             self.authorization_headers += 1
-        request_type = headers.get(REQUEST_TYPE_HEADER)
-        shared_request_type = headers.get(SHARED_REQUEST_TYPE_HEADER)
+        call = _Call(
+            method,
+            region,
+            state,
+            arrived,
+            "",
+            headers.get(REQUEST_TYPE_HEADER),
+            headers.get(SHARED_REQUEST_TYPE_HEADER),
+        )
+        return await handler(request, call, model, body)
+
+    async def _generate_content(
+        self, request: Request, call: _Call, model: str, body: bytes
+    ) -> Response:
+        """Answer ``generateContent``: the whole reply in one body."""
         try:
-            text, prompt_chars = _read_prompt(body)
+            text, prompt_chars = _read_prompt(_json_object(body))
         except _BadRequest as exc:
-            self._record(_Call(region, state, arrived, "", request_type, shared_request_type), 400)
+            self._record(call, 400)
             return google_error(400, str(exc))
-        call = _Call(region, state, arrived, text, request_type, shared_request_type)
+        call = dataclasses.replace(call, text=text)
         self.calls_by_text[text] += 1
-        problem = _header_problem(region, request_type, shared_request_type)
+        grant = self._admit(call)
+        if isinstance(grant, Response):
+            return grant
+        if not await self._hold(request, call, grant):
+            return Response(status_code=CLIENT_CLOSED)  # nobody is listening
+        if grant.status != 200:
+            return self._error(call, grant.status)
+        reply = f"stand-in reply from {call.region}: {call.text}"
+        body, prompt_tokens, candidates_tokens = _success_body(
+            reply, model, prompt_chars, grant.response_bytes, grant.traffic_type
+        )
+        self._record(call, 200, grant.traffic_type, prompt_tokens, candidates_tokens)
+        return Response(body, headers=_JSON_HEADERS)
+
+    async def _stream_generate_content(
+        self, request: Request, call: _Call, model: str, body: bytes
+    ) -> Response:
+        """Answer ``streamGenerateContent``: the reply in chunks, SSE with ``?alt=sse``.
+
+        Admission, the latency and the status are those of ``generateContent``, all before
+        the first byte; the call keeps its slot until its last chunk is sent.
+        """
+        alt = request.query_params.get("alt", "json")
+        try:
+            if alt not in ("json", "sse"):
+                raise _BadRequest(f"Invalid value at 'alt' ({alt!r}): expected json or sse.")
+            text, prompt_chars = _read_prompt(_json_object(body))
+        except _BadRequest as exc:
+            self._record(call, 400)
+            return google_error(400, str(exc))
+        call = dataclasses.replace(call, text=text)
+        self.calls_by_text[text] += 1
+        grant = self._admit(call)
+        if isinstance(grant, Response):
+            return grant
+        release = self._occupy(call, grant.pool)
+        stream: _Stream | None = None
+        try:
+            if grant.latency_s > 0 and not await _sleep_unless_disconnected(
+                request.receive, grant.latency_s
+            ):
+                self._record(call, CLIENT_CLOSED)
+                return Response(status_code=CLIENT_CLOSED)
+            if grant.status != 200:
+                return self._error(call, grant.status)
+            # Streams pad the reply text itself to response_bytes characters.
+            reply = f"stand-in reply from {call.region}: {call.text}"
+            reply += "x" * max(0, grant.response_bytes - len(reply))
+            behaviour, prompt_tokens = call.state.behaviour, _tokens(prompt_chars)
+            stream = _Stream(
+                self,
+                call,
+                release,
+                _stream_chunks(
+                    reply,
+                    behaviour.stream_chunks,
+                    model=model,
+                    prompt_tokens=prompt_tokens,
+                    traffic_type=grant.traffic_type,
+                ),
+                sse=alt == "sse",
+                chunk_delay_s=behaviour.chunk_delay_s,
+                fail_after=behaviour.stream_fail_after,
+                traffic_type=grant.traffic_type,
+                prompt_tokens=prompt_tokens,
+            )
+        finally:
+            if stream is None:  # answered before streaming, or cancelled: free the slot now
+                release()
+        return _ClosingStreamingResponse(
+            stream.body(),
+            on_close=stream.close,
+            media_type="text/event-stream" if stream.sse else _JSON_HEADERS["content-type"],
+        )
+
+    async def _count_tokens(
+        self, request: Request, call: _Call, model: str, body: bytes
+    ) -> Response:
+        """Answer ``countTokens`` at once: the prompt's tokens by the stand-in's estimate.
+
+        Token counting is not generation: it takes no slot and follows no status or script.
+        """
+        try:
+            text, chars = _read_prompt(_json_object(body))
+        except _BadRequest as exc:
+            self._record(call, 400)
+            return google_error(400, str(exc))
+        self._record(dataclasses.replace(call, text=text), 200)
+        tokens = _tokens(chars)
+        return _json(
+            {
+                "totalTokens": tokens,
+                "totalBillableCharacters": chars,
+                "promptTokensDetails": [{"modality": "TEXT", "tokenCount": tokens}],
+            }
+        )
+
+    async def _compute_tokens(
+        self, request: Request, call: _Call, model: str, body: bytes
+    ) -> Response:
+        """Answer ``computeTokens`` at once: each content's text in four-character tokens."""
+        try:
+            doc = _json_object(body)
+            text, _ = _read_prompt(doc)
+            tokens_info = _tokens_info(doc["contents"])
+        except _BadRequest as exc:
+            self._record(call, 400)
+            return google_error(400, str(exc))
+        self._record(dataclasses.replace(call, text=text), 200)
+        return _json({"tokensInfo": tokens_info})
+
+    async def _embed(self, request: Request, call: _Call, model: str, body: bytes) -> Response:
+        """Answer ``predict``, ``embedContent`` or ``batchEmbedContents`` with embeddings.
+
+        Embedding calls are admitted, held and answered like ``generateContent`` calls, in
+        the same pools.
+        """
+        try:
+            inputs = _embedding_inputs(call.method, body, _default_dimension(model))
+        except _BadRequest as exc:
+            self._record(call, 400)
+            return google_error(400, str(exc))
+        call = dataclasses.replace(call, text=inputs[0][0])
+        grant = self._admit(call)
+        if isinstance(grant, Response):
+            return grant
+        if not await self._hold(request, call, grant):
+            return Response(status_code=CLIENT_CLOSED)
+        if grant.status != 200:
+            return self._error(call, grant.status)
+        doc, tokens = _embedding_body(call.method, inputs)
+        self._record(call, 200, grant.traffic_type, tokens)
+        return _json(doc)
+
+    def _admit(self, call: _Call) -> _Grant | Response:
+        """Choose the pool that serves ``call``, or return the 400 or 429 refusing it."""
+        region, state = call.region, call.state
+        problem = _header_problem(region, call.request_type, call.shared_request_type)
         if problem is not None:
             self._record(call, 400)
             return google_error(400, problem)
 
         behaviour = state.behaviour
         provisioned = behaviour.provisioned_capacity or 0
-        if request_type != SHARED and state.provisioned.in_flight < provisioned:
+        if call.request_type != SHARED and state.provisioned.in_flight < provisioned:
             latency_s = behaviour.provisioned_latency_s
-            return await self._serve(
-                request,
-                call,
+            return _Grant(
                 state.provisioned,
                 status=200,
                 latency_s=behaviour.latency_s if latency_s is None else latency_s,
                 traffic_type=PROVISIONED_THROUGHPUT,
-                model=model,
-                prompt_chars=prompt_chars,
                 response_bytes=behaviour.response_bytes,
             )
-        if request_type == DEDICATED:
+        if call.request_type == DEDICATED:
             self._record(call, 429)
             return google_error(
                 429,
@@ -595,11 +826,11 @@ class _Standin:
 
         # Pay-as-you-go: standard, or the flex or priority pool when the region has one.
         traffic_type, pool_behaviour, pool, label = ON_DEMAND, behaviour, state.shared, ""
-        if shared_request_type == FLEX:
+        if call.shared_request_type == FLEX:
             traffic_type = ON_DEMAND_FLEX
             if behaviour.flex is not None:
                 pool_behaviour, pool, label = behaviour.flex, state.flex, "flex "
-        elif shared_request_type == PRIORITY:
+        elif call.shared_request_type == PRIORITY:
             traffic_type = ON_DEMAND_PRIORITY
             if behaviour.priority is not None:
                 pool_behaviour, pool, label = behaviour.priority, state.priority, "priority "
@@ -608,57 +839,59 @@ class _Standin:
             self._record(call, 429)
             return google_error(429, f"{_MESSAGES[429]} (stand-in {label}capacity {capacity})")
         rate = pool_behaviour.rate_per_s
-        if rate is not None and not pool.take_token(rate, arrived):
+        if rate is not None and not pool.take_token(rate, call.arrived):
             self._record(call, 429)
             return google_error(429, f"{_MESSAGES[429]} (stand-in {label}rate {rate}/s)")
-        return await self._serve(
-            request,
-            call,
+        return _Grant(
             pool,
             status=pool.script.popleft() if pool.script else pool_behaviour.status,
             latency_s=pool_behaviour.latency_s,
             traffic_type=traffic_type,
-            model=model,
-            prompt_chars=prompt_chars,
             response_bytes=pool_behaviour.response_bytes,
         )
 
-    async def _serve(
-        self,
-        request: Request,
-        call: _Call,
-        pool: _PoolState,
-        *,
-        status: int,
-        latency_s: float,
-        traffic_type: str,
-        model: str,
-        prompt_chars: int,
-        response_bytes: int,
-    ) -> Response:
-        """Hold a slot in ``pool`` for the latency, then answer ``status``."""
+    def _occupy(self, call: _Call, pool: _PoolState) -> Callable[[], None]:
+        """Take a slot in ``pool`` (and the region) and return the function that frees it.
+
+        The returned function frees the slot once, however many times it is called.
+        """
         state = call.state
         state.in_flight += 1
         pool.in_flight += 1
         state.max_in_flight = max(state.max_in_flight, state.in_flight)
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                state.in_flight -= 1
+                pool.in_flight -= 1
+
+        return release
+
+    async def _hold(self, request: Request, call: _Call, grant: _Grant) -> bool:
+        """Hold a slot in the grant's pool for its latency.
+
+        Returns:
+            True when the latency passed; False (recorded as 499) if the client left.
+        """
+        release = self._occupy(call, grant.pool)
         try:
-            if latency_s > 0 and not await _sleep_unless_disconnected(request.receive, latency_s):
+            if grant.latency_s > 0 and not await _sleep_unless_disconnected(
+                request.receive, grant.latency_s
+            ):
                 self._record(call, CLIENT_CLOSED)
-                return Response(status_code=CLIENT_CLOSED)  # nobody is listening
+                return False
         finally:
             # Also runs when the task is cancelled (server shutdown), so the slot is freed.
-            state.in_flight -= 1
-            pool.in_flight -= 1
+            release()
+        return True
 
-        if status != 200:
-            self._record(call, status)
-            return google_error(status, f"{_MESSAGES[status]} (stand-in: region {call.region})")
-        reply = f"stand-in reply from {call.region}: {call.text}"
-        body, prompt_tokens, candidates_tokens = _success_body(
-            reply, model, prompt_chars, response_bytes, traffic_type
-        )
-        self._record(call, 200, traffic_type, prompt_tokens, candidates_tokens)
-        return Response(body, headers=_JSON_HEADERS)
+    def _error(self, call: _Call, status: int) -> Response:
+        """Record ``status`` for ``call`` and return it as the pool's error answer."""
+        self._record(call, status)
+        return google_error(status, f"{_MESSAGES[status]} (stand-in: region {call.region})")
 
     def _record(
         self,
@@ -667,6 +900,7 @@ class _Standin:
         traffic_type: str | None = None,
         prompt_tokens: int = 0,
         candidates_tokens: int = 0,
+        chunk_times: Sequence[float] | None = None,
     ) -> None:
         now = time.monotonic()
         self.total_calls += 1
@@ -687,6 +921,8 @@ class _Standin:
                 call.request_type,
                 call.shared_request_type,
                 traffic_type,
+                call.method,
+                None if chunk_times is None else tuple(t - self.started for t in chunk_times),
             )
         )
 
@@ -797,6 +1033,8 @@ class _Standin:
                     "request_type": request_type,
                     "shared_request_type": shared_request_type,
                     "traffic_type": traffic_type,
+                    "method": method,
+                    "chunk_times": None if chunk_times is None else list(chunk_times),
                 }
                 for (
                     t,
@@ -807,6 +1045,8 @@ class _Standin:
                     request_type,
                     shared_request_type,
                     traffic_type,
+                    method,
+                    chunk_times,
                 ) in self.call_log
             ]
         )
@@ -873,10 +1113,8 @@ class _BadRequest(Exception):
     """The request body is not what the endpoint accepts."""
 
 
-def _read_prompt(body: bytes) -> tuple[str, int]:
-    """Return the first user text and the number of text characters in the request.
-
-    The characters are those of every text part of ``contents`` and ``systemInstruction``.
+def _json_object(body: bytes) -> dict[str, Any]:
+    """Decode a request body that must be a JSON object.
 
     Raises:
         _BadRequest: With a message like Vertex's for the same mistake.
@@ -887,6 +1125,17 @@ def _read_prompt(body: bytes) -> tuple[str, int]:
         raise _BadRequest(f"Invalid JSON payload received. {exc}") from exc
     if not isinstance(doc, dict):
         raise _BadRequest("Invalid JSON payload received. The body must be a JSON object.")
+    return doc
+
+
+def _read_prompt(doc: Mapping[str, Any]) -> tuple[str, int]:
+    """Return the first user text and the number of text characters in the request.
+
+    The characters are those of every text part of ``contents`` and ``systemInstruction``.
+
+    Raises:
+        _BadRequest: With a message like Vertex's for the same mistake.
+    """
     contents = doc.get("contents")
     if not isinstance(contents, list) or not contents:
         raise _BadRequest(
@@ -932,12 +1181,12 @@ def _success_body(
     Returns:
         The body, its ``promptTokenCount`` and its ``candidatesTokenCount``.
     """
-    create_time = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    create_time = _create_time()
     response_id = secrets.token_urlsafe(18)
     prompt_tokens = _tokens(prompt_chars)
     while True:
         reply_tokens = _tokens(len(reply))
-        body = json.dumps(
+        body = _dumps(
             {
                 "candidates": [
                     {
@@ -946,28 +1195,306 @@ def _success_body(
                         "avgLogprobs": -0.1,
                     }
                 ],
-                "usageMetadata": {
-                    "promptTokenCount": prompt_tokens,
-                    "candidatesTokenCount": reply_tokens,
-                    "totalTokenCount": prompt_tokens + reply_tokens,
-                    # The stand-in caches nothing and does not think, so
-                    # cachedContentTokenCount and thoughtsTokenCount (sent when non-zero)
-                    # never appear.
-                    "trafficType": traffic_type,
-                },
+                "usageMetadata": _usage(prompt_tokens, reply_tokens, traffic_type),
                 "modelVersion": model,
                 "createTime": create_time,
                 "responseId": response_id,
-            },
-            ensure_ascii=False,
-            separators=(",", ":"),
-        ).encode()
+            }
+        )
         missing = response_bytes - len(body)
         if missing <= 0:
             return body, prompt_tokens, reply_tokens
         # "x" needs no escaping, so each one adds one byte; the token counts may grow by a
         # digit, which the next round covers.
         reply += "x" * missing
+
+
+def _usage(prompt_tokens: int, reply_tokens: int, traffic_type: str) -> dict[str, Any]:
+    """Return a generation's ``usageMetadata``."""
+    return {
+        "promptTokenCount": prompt_tokens,
+        "candidatesTokenCount": reply_tokens,
+        "totalTokenCount": prompt_tokens + reply_tokens,
+        # The stand-in caches nothing and does not think, so cachedContentTokenCount and
+        # thoughtsTokenCount (sent when non-zero) never appear.
+        "trafficType": traffic_type,
+    }
+
+
+def _create_time() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _stream_chunks(
+    reply: str, count: int, *, model: str, prompt_tokens: int, traffic_type: str
+) -> list[tuple[bytes, int]]:
+    """Split ``reply`` into at most ``count`` streamGenerateContent chunks (fewer if short).
+
+    Only the last chunk has ``finishReason`` (STOP) and ``usageMetadata`` (for the whole
+    reply); every chunk has the same ``responseId`` and ``createTime``.
+
+    Returns:
+        Each chunk's JSON and the number of reply characters in it, in order.
+    """
+    count = max(1, min(count, len(reply)))
+    size, extra = divmod(len(reply), count)
+    create_time, response_id = _create_time(), secrets.token_urlsafe(18)
+    chunks: list[tuple[bytes, int]] = []
+    start = 0
+    for i in range(count):
+        end = start + size + (i < extra)
+        candidate: dict[str, Any] = {
+            "content": {"role": "model", "parts": [{"text": reply[start:end]}]}
+        }
+        doc: dict[str, Any] = {"candidates": [candidate]}
+        if i == count - 1:
+            candidate["finishReason"] = "STOP"
+            doc["usageMetadata"] = _usage(prompt_tokens, _tokens(len(reply)), traffic_type)
+        doc.update(modelVersion=model, createTime=create_time, responseId=response_id)
+        chunks.append((_dumps(doc), end - start))
+        start = end
+    return chunks
+
+
+class _Stream:
+    """One streamGenerateContent reply on its way out, and what the call log needs of it.
+
+    Framing as Vertex sends it: with ``alt=sse``, ``data: CHUNK\r\n\r\n`` per chunk
+    (Server-Sent Events); without, one JSON array written as it goes,
+    ``[CHUNK\n,\r\nCHUNK\n]``.
+    """
+
+    def __init__(
+        self,
+        standin: _Standin,
+        call: _Call,
+        release: Callable[[], None],
+        chunks: list[tuple[bytes, int]],
+        *,
+        sse: bool,
+        chunk_delay_s: float,
+        fail_after: int | None,
+        traffic_type: str,
+        prompt_tokens: int,
+    ) -> None:
+        self.standin, self.call, self.release, self.chunks = standin, call, release, chunks
+        self.sse, self.chunk_delay_s, self.fail_after = sse, chunk_delay_s, fail_after
+        self.traffic_type, self.prompt_tokens = traffic_type, prompt_tokens
+        self.sent_times: list[float] = []
+        self.sent_chars = 0
+        self.finished = self.broken = False
+
+    async def body(self) -> AsyncIterator[bytes]:
+        """Yield the framed chunks, ``chunk_delay_s`` apart; break at ``fail_after``.
+
+        Raises:
+            StreamBroken: After ``fail_after`` chunks, so that the server drops the
+                connection mid-body (no closing chunk, no closing bracket).
+        """
+        for i, (chunk, chars) in enumerate(self.chunks):
+            if i == self.fail_after:
+                self.broken = True
+                raise StreamBroken(
+                    f"stand-in: stream_fail_after {i} in region {self.call.region}: "
+                    "the stream breaks here on purpose"
+                )
+            if i and self.chunk_delay_s > 0:
+                await asyncio.sleep(self.chunk_delay_s)
+            self.sent_times.append(time.monotonic())
+            self.sent_chars += chars
+            if self.sse:
+                yield b"data: " + chunk + b"\r\n\r\n"
+            else:
+                yield (b"\n,\r\n" if i else b"[") + chunk
+        if not self.sse:
+            yield b"\n]"
+        self.finished = True
+
+    def close(self) -> None:
+        """Free the call's slot and record it: 200 if sent or broken on purpose, else 499."""
+        self.release()
+        sent = self.finished or self.broken
+        self.standin._record(
+            self.call,
+            200 if sent else CLIENT_CLOSED,
+            self.traffic_type if sent else None,
+            self.prompt_tokens if sent else 0,
+            _tokens(self.sent_chars) if sent and self.sent_chars else 0,
+            chunk_times=self.sent_times,
+        )
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that calls ``on_close`` once it ends, however it ends.
+
+    Also when the body never starts (the client left first) or the task is cancelled,
+    where a ``finally`` inside the body's generator would not run.
+    """
+
+    def __init__(
+        self, content: AsyncIterator[bytes], *, on_close: Callable[[], None], media_type: str
+    ) -> None:
+        super().__init__(content, media_type=media_type)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+_VOCABULARY: Final = 256_000
+"""The stand-in's token ids are below this (Gemini's vocabulary has about 256k tokens)."""
+
+
+def _tokens_info(contents: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Return computeTokens' ``tokensInfo``: each content's text cut into 4-character tokens.
+
+    Args:
+        contents: The request's ``contents``, already checked by `_read_prompt`.
+    """
+    info = []
+    for content in contents:
+        parts = content.get("parts")
+        text = "".join(
+            part["text"]
+            for part in (parts if isinstance(parts, list) else ())
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+        pieces = [text[i : i + 4].encode() for i in range(0, len(text), 4)]
+        info.append(
+            {
+                "tokens": [base64.b64encode(piece).decode() for piece in pieces],
+                # int64 ids, which Google's JSON mapping writes as strings.
+                "tokenIds": [str(zlib.crc32(piece) % _VOCABULARY) for piece in pieces],
+                "role": content.get("role", "user"),
+            }
+        )
+    return info
+
+
+def _default_dimension(model: str) -> int:
+    return _EMBEDDING_DIMENSIONS.get(model, DEFAULT_EMBEDDING_DIMENSION)
+
+
+def _dimension(value: object, largest: int, where: str) -> int:
+    """Return the requested ``outputDimensionality`` (``largest`` when absent).
+
+    Raises:
+        _BadRequest: It is not an integer from 1 to ``largest``.
+    """
+    if value is None:
+        return largest
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= largest:
+        raise _BadRequest(f"Invalid value at '{where}' ({value!r}): must be 1 to {largest}.")
+    return value
+
+
+def _content_text(content: object, where: str) -> str:
+    """Return the text of a Content's parts, joined.
+
+    Raises:
+        _BadRequest: ``content`` is not a Content with a ``parts`` list.
+    """
+    parts = content.get("parts") if isinstance(content, dict) else None
+    if not isinstance(parts, list):
+        raise _BadRequest(f"Invalid value at '{where}': must be a Content with parts.")
+    return "".join(
+        part["text"]
+        for part in parts
+        if isinstance(part, dict) and isinstance(part.get("text"), str)
+    )
+
+
+def _embedding_inputs(method: str, body: bytes, largest: int) -> list[tuple[str, int]]:
+    """Return each text to embed and its dimension, from the body of ``method``.
+
+    Args:
+        method: `PREDICT` (``{"instances": [{"content": TEXT}], "parameters": {...}}``),
+            `EMBED_CONTENT` (``{"content": CONTENT, "embedContentConfig": {...}}``) or
+            `BATCH_EMBED_CONTENTS` (``{"requests": [{"content": ..., ...}]}``).
+        body: The request body.
+        largest: The model's default and largest dimension.
+
+    Raises:
+        _BadRequest: The body is not what ``method`` takes.
+    """
+    doc = _json_object(body)
+    if method == PREDICT:
+        instances = doc.get("instances")
+        if not isinstance(instances, list) or not instances:
+            raise _BadRequest("Invalid value at 'instances': must be a non-empty list.")
+        parameters = doc.get("parameters", {})
+        if not isinstance(parameters, dict):
+            raise _BadRequest("Invalid value at 'parameters': must be an object.")
+        dimension = _dimension(
+            parameters.get("outputDimensionality"), largest, "parameters.outputDimensionality"
+        )
+        texts = []
+        for i, instance in enumerate(instances):
+            text = instance.get("content") if isinstance(instance, dict) else None
+            if not isinstance(text, str):
+                raise _BadRequest(f"Invalid value at 'instances[{i}].content': must be a string.")
+            texts.append(text)
+        return [(text, dimension) for text in texts]
+
+    requests = [doc] if method == EMBED_CONTENT else doc.get("requests")
+    if not isinstance(requests, list) or not requests:
+        raise _BadRequest("Invalid value at 'requests': must be a non-empty list.")
+    inputs = []
+    for i, one in enumerate(requests):
+        prefix = f"requests[{i}]." if method == BATCH_EMBED_CONTENTS else ""
+        config = one.get("embedContentConfig", {}) if isinstance(one, dict) else None
+        if not isinstance(one, dict) or not isinstance(config, dict):
+            raise _BadRequest(f"Invalid value at '{prefix or 'request'}': must be an object.")
+        # google-genai nests the options in embedContentConfig; v1's REST reference puts
+        # them beside content. Take either.
+        requested = config.get("outputDimensionality", one.get("outputDimensionality"))
+        inputs.append(
+            (
+                _content_text(one.get("content"), f"{prefix}content"),
+                _dimension(requested, largest, f"{prefix}outputDimensionality"),
+            )
+        )
+    return inputs
+
+
+def _embedding(text: str, dimension: int) -> list[float]:
+    """Return a unit vector of ``dimension`` values that depends only on ``text``."""
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+    rng = random.Random(seed)  # noqa: S311 (a deterministic fake vector, not a secret)
+    values = [rng.uniform(-1.0, 1.0) for _ in range(dimension)]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return [round(v / norm, 6) for v in values]
+
+
+def _embedding_body(method: str, inputs: Sequence[tuple[str, int]]) -> tuple[dict[str, Any], int]:
+    """Render the success body of an embedding ``method`` for ``inputs``.
+
+    Returns:
+        The body and its prompt tokens (ceil(characters / 4), at least 1, per text).
+    """
+    tokens = [_tokens(len(text)) for text, _ in inputs]
+    vectors = [_embedding(text, dimension) for text, dimension in inputs]
+    total = sum(tokens)
+    usage = {"promptTokenCount": total, "totalTokenCount": total}
+    doc: dict[str, Any]
+    if method == PREDICT:
+        # https://cloud.google.com/vertex-ai/generative-ai/docs/model-reference/text-embeddings-api
+        statistics = [{"truncated": False, "token_count": n} for n in tokens]
+        doc = {
+            "predictions": [
+                {"embeddings": {"values": vector, "statistics": stats}}
+                for vector, stats in zip(vectors, statistics, strict=True)
+            ],
+            "metadata": {"billableCharacterCount": sum(len(text) for text, _ in inputs)},
+        }
+    elif method == EMBED_CONTENT:
+        doc = {"embedding": {"values": vectors[0]}, "usageMetadata": usage, "truncated": False}
+    else:
+        doc = {"embeddings": [{"values": vector} for vector in vectors], "usageMetadata": usage}
+    return doc, total
 
 
 async def _sleep_unless_disconnected(receive: Receive, seconds: float) -> bool:
@@ -1002,12 +1529,12 @@ async def _json_body(request: Request) -> Any:
         raise _BadRequest(f"Invalid JSON payload received. {exc}") from exc
 
 
+def _dumps(doc: object) -> bytes:
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 def _json(doc: object, status_code: int = 200) -> Response:
-    return Response(
-        json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode(),
-        status_code=status_code,
-        headers=_JSON_HEADERS,
-    )
+    return Response(_dumps(doc), status_code=status_code, headers=_JSON_HEADERS)
 
 
 def google_error(code: int, message: str) -> Response:
@@ -1043,16 +1570,16 @@ def create_app(config: StandinConfig | None = None) -> Starlette:
             every region answers 200 at once when None.
 
     Returns:
-        A Starlette app serving ``generateContent``, ``/healthz`` and ``/_standin/*``.
+        A Starlette app serving the model methods, ``/healthz`` and ``/_standin/*``.
     """
     standin = _Standin(config or StandinConfig())
-    # The model and its action share one segment ("MODEL:generateContent"): Starlette's
+    # The model and its method share one segment ("MODEL:generateContent"): Starlette's
     # str converter matches anything but "/", and the handler splits on the last ":".
     generate_path = (
         "/{version}/projects/{project}/locations/{location}/publishers/google/models/{model_action}"
     )
     routes = [
-        Route(generate_path, standin.generate_content, methods=["POST"]),
+        Route(generate_path, standin.model_call, methods=["POST"]),
         Route("/healthz", standin.healthz, methods=["GET"]),
         Route("/_standin/config", standin.get_config, methods=["GET"]),
         Route("/_standin/config", standin.put_config, methods=["PUT"]),
@@ -1097,7 +1624,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     parser = argparse.ArgumentParser(
         prog="python -m dispatcher_devtools.vertex_standin",
-        description="Development stand-in for Vertex AI generateContent (not Vertex).",
+        description="Development stand-in for Vertex AI's model methods (not Vertex).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8090, help="port to bind; 0 picks a free one")

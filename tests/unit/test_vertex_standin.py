@@ -37,6 +37,8 @@ CALL_LOG_KEYS = {
     "request_type",
     "shared_request_type",
     "traffic_type",
+    "method",
+    "chunk_times",
 }
 
 ClientFactory = Callable[..., httpx.AsyncClient]
@@ -162,8 +164,8 @@ async def test_both_api_versions_are_served(standin: ClientFactory, version: str
     "path",
     [
         _path(version="v2"),
-        _path(action="streamGenerateContent"),
-        _path(action="countTokens"),
+        _path(action="generateImages"),
+        _path(action="rawPredict"),
         "/v1/projects/p/locations/us-central1/publishers/google/models/no-action",
         "/nowhere",
     ],
