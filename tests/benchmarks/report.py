@@ -93,9 +93,9 @@ class Results:
         """Whether only scenarios written on their own (6, 7) ran."""
         return bool(self.tiers or self.neighbour) and not self._others_ran()
 
-    def neighbour_run(self, key: str) -> NeighbourRun | None:
-        """Scenario 7's run of variant `key`, if it ran."""
-        return next((r for r in self.neighbour if r.variant == key), None)
+    def neighbour_run(self, key: str, mode: str = "memory") -> NeighbourRun | None:
+        """Scenario 7's run of variant `key` in `mode`, if it ran."""
+        return next((r for r in self.neighbour if r.variant == key and r.mode == mode), None)
 
     def tier(self, variant: str) -> TierRun | None:
         """Scenario 6's run of `variant`, if it ran."""
@@ -275,44 +275,57 @@ def tiers_chart(results: Results, charts: Path, plt: Any) -> str:
 
 
 def neighbour_chart(results: Results, charts: Path, plt: Any) -> str:
-    """Scenario 7: B's latency over time per variant; A's jobs final per second."""
-    fig, (latency, flood) = plt.subplots(1, 2, figsize=(12, 3.4))
+    """Scenario 7, a row per mode: B's latency over time per variant; A's jobs final per second."""
+    modes = [m for m in MODE_NAMES if any(r.mode == m for r in results.neighbour)]
+    fig, axes = plt.subplots(len(modes), 2, figsize=(12, 3.4 * len(modes)), squeeze=False)
     scenario = results.neighbour_scenario
-    for run in results.neighbour:
-        if run.b_points:
-            latency.plot(
-                [t for t, _ in run.b_points],
-                [s for _, s in run.b_points],
-                marker=".",
-                lw=0.8,
-                label=run.label,
+    for (latency, flood), mode in zip(axes, modes, strict=True):
+        runs = [r for r in results.neighbour if r.mode == mode]
+        for run in runs:
+            if run.b_points:
+                latency.plot(
+                    [t for t, _ in run.b_points],
+                    [s for _, s in run.b_points],
+                    marker=".",
+                    lw=0.8,
+                    label=run.label,
+                )
+            if run.a_final_at:
+                series = per_second(
+                    [(t, "A", 200) for t in run.a_final_at], status=200, bucket_s=2.0
+                )
+                points = series.get("A", [])
+                flood.plot([t for t, _ in points], [v for _, v in points], lw=1, label=run.label)
+        latency.set_yscale("log")
+        latency.set_title(
+            f"{MODE_NAMES[mode]}, B: latency of each job (POST sent to final), by when sent",
+            fontsize=9,
+        )
+        latency.set_xlabel("s since A's first submission")
+        latency.set_ylabel("s")
+        latency.grid(alpha=0.3)
+        latency.legend(fontsize=7)
+        if scenario is not None:
+            for ax in (latency, flood):
+                ax.axvspan(
+                    scenario.b_delay_s,
+                    scenario.b_delay_s + scenario.b_duration_s,
+                    color="grey",
+                    alpha=0.08,
+                )
+            flood.axhline(
+                scenario.capacity.jobs_per_s, color="grey", ls="--", label="regions' limit"
             )
-        if run.a_final_at:
-            series = per_second([(t, "A", 200) for t in run.a_final_at], status=200, bucket_s=2.0)
-            points = series.get("A", [])
-            flood.plot([t for t, _ in points], [v for _, v in points], lw=1, label=run.label)
-    latency.set_yscale("log")
-    latency.set_title(
-        "B: latency of each job (POST sent to final), by when it was sent", fontsize=9
-    )
-    latency.set_xlabel("s since A's first submission")
-    latency.set_ylabel("s")
-    latency.grid(alpha=0.3)
-    latency.legend(fontsize=7)
-    if scenario is not None:
-        for ax in (latency, flood):
-            ax.axvspan(
-                scenario.b_delay_s,
-                scenario.b_delay_s + scenario.b_duration_s,
-                color="grey",
-                alpha=0.08,
-            )
-        flood.axhline(scenario.capacity.jobs_per_s, color="grey", ls="--", label="regions' limit")
-    flood.set_title("A: jobs final per second (shaded: B sending)", fontsize=9)
-    flood.set_xlabel("s since A's first submission")
-    flood.set_ylim(bottom=0)
-    flood.grid(alpha=0.3)
-    flood.legend(fontsize=7)
+        ceiling = next((r.ceiling_per_s for r in runs if r.ceiling_per_s), None)
+        if ceiling:
+            flood.axhline(ceiling, color="black", ls=":", label="emulators' ceiling")
+        flood.set_title(
+            f"{MODE_NAMES[mode]}, A: jobs final per second (shaded: B sending)", fontsize=9
+        )
+        flood.set_xlabel("s since A's first submission")
+        flood.set_ylim(bottom=0)
+        flood.grid(alpha=0.3)
+        flood.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(charts / "neighbour.png", dpi=90)
     plt.close(fig)
@@ -486,25 +499,52 @@ def tier_targets(results: Results) -> list[tuple[str, str, bool | None]]:
 def neighbour_targets(results: Results) -> list[tuple[str, str, bool | None]]:
     """Scenario 7's targets (measured, not asserted): (target, measured, met)."""
     rows: list[tuple[str, str, bool | None]] = []
-    alone, fair = results.neighbour_run("alone"), results.neighbour_run("fair")
-    if alone is not None and fair is not None and alone.b_latency_p99_s > 0:
-        ratio = fair.b_latency_p99_s / alone.b_latency_p99_s
+    scenario = results.neighbour_scenario
+    call_s = scenario.capacity.latency_s if scenario is not None else 0.0
+    for mode, name in MODE_NAMES.items():
+        alone, fair = results.neighbour_run("alone", mode), results.neighbour_run("fair", mode)
+        if alone is not None and fair is not None and alone.b_latency_p99_s > 0:
+            bound = 1.5 * alone.b_latency_p99_s + call_s
+            ratio = fair.b_latency_p99_s / alone.b_latency_p99_s
+            topic = ", INTERACTIVE_TOPIC" if mode == "pubsub" else ""
+            rows.append(
+                (
+                    f"noisy neighbour, {name}{topic}: B's p99 under A's flood <= 1.5x B alone "
+                    f"+ one call ({call_s * 1000:.0f} ms)",
+                    f"{fair.b_latency_p99_s:.2f} s against {bound:.2f} s (alone "
+                    f"{alone.b_latency_p99_s:.2f} s; {ratio:.2f}x)",
+                    fair.b_latency_p99_s <= bound,
+                )
+            )
+        a_alone = results.neighbour_run("A alone", mode)
+        if a_alone is not None and fair is not None and a_alone.busy_per_s > 0:
+            ratio = fair.busy_per_s / a_alone.busy_per_s
+            rows.append(
+                (
+                    f"noisy neighbour, {name}: total goodput >= 0.95x the run without B",
+                    f"{ratio:.3f}x ({fair.busy_per_s:,.1f} against {a_alone.busy_per_s:,.1f} "
+                    "jobs/s while A has work)",
+                    ratio >= 0.95,
+                )
+            )
+    weights = results.neighbour_run("weights")
+    if weights is not None and weights.weight_ratio is not None:
+        ratio = weights.weight_ratio
         rows.append(
             (
-                "noisy neighbour: B's p99 under A's flood <= 2x B alone",
-                f"{ratio:.2f}x ({fair.b_latency_p99_s:.2f} s against "
-                f"{alone.b_latency_p99_s:.2f} s)",
-                ratio <= 2.0,
+                "noisy neighbour: batch keys of weights 3:1 complete within 10 % of 3:1 "
+                "while both have work",
+                f"{ratio:.2f}:1 ({weights.backlogged_finals['A']:,} against "
+                f"{weights.backlogged_finals['C']:,} in the first {weights.backlogged_s:.0f} s)",
+                2.7 <= ratio <= 3.3,
             )
         )
     if results.neighbour:
         rows.append(
             (
                 "noisy neighbour: 0 jobs lost, every job final",
-                ", ".join(
-                    f"{run.variant} {run.lost['A'] + run.lost['B']}" for run in results.neighbour
-                ),
-                not any(run.lost["A"] or run.lost["B"] for run in results.neighbour),
+                ", ".join(f"{run.name} {sum(run.lost.values())}" for run in results.neighbour),
+                not any(sum(run.lost.values()) for run in results.neighbour),
             )
         )
     return rows
@@ -938,64 +978,108 @@ def render_neighbour(results: Results, charts: list[str]) -> list[str]:
     scenario = results.neighbour_scenario
     took = f", took {results.duration_s / 60:.1f} min" if results.duration_s else ""
     command = f"{COMMAND} -k neighbour" if results.only_neighbour() else COMMAND
+    ceiling = next((r.ceiling_per_s for r in results.neighbour if r.ceiling_per_s), None)
     lines = [
         NEIGHBOUR_HEADING,
         "",
         f"Ran {results.started:%Y-%m-%d %H:%M} UTC on {machine()}, `{command}` "
-        f"(commit {git_revision()}, load average before {results.load_before}{took}); mode 1,",
-        "one ingress; every variant on a fresh stack (region limits and the fair share's",
+        f"(commit {git_revision()}, load average before {results.load_before}{took}). "
+        "Every variant on a fresh stack (region limits and the fair share's",
         "virtual times start from nothing). Key A (`priority=batch weight=1`) submits its N",
         "jobs at once; key B (`priority=interactive`) sends one job per interval. Baselines in",
         "the same invocation: B alone on an idle system; both keys `priority=interactive`",
         "(no priority difference, only the weighted fair queuing between keys); B's jobs sent",
-        "with A's key (one caller, so one FIFO: what B would get without per-key shares).",
-        "Mode 3 is not run: the Pub/Sub emulator pushes one or two messages at a time",
-        "(section 1), so a flood there measures the emulator, and both keys share one topic",
-        '(README, "Not yet").',
+        "with A's key (one caller, so one FIFO: what B would get without per-key shares); A",
+        "alone (no B: the total goodput the fair run is held against); two batch keys, A",
+        "`weight=3` and C `weight=1`, each flooding half of N at once (no B). Mode 1: one",
+        "ingress. Mode 3: ingresses and workers over the Firestore and Pub/Sub emulators,",
+        "each subscription pulled by `dispatcher_devtools.push_relay` pushing to every worker",
+        "(the emulator's own push delivers about one message at a time, section 1); with",
+        "`INTERACTIVE_TOPIC` B's jobs have a topic and relay of their own, without it they",
+        "queue in the one subscription behind A's backlog. The keys file goes to ingresses",
+        "and workers alike (the worker takes priority and weight from the job's record).",
         "",
     ]
     if scenario is not None:
-        lines += [f"**Construction.** {scenario.construction()}", ""]
+        lines += [f"**Construction.** {scenario.construction(ceiling)}", ""]
     lines += [
         "B's latency = its POST sent to its record's `updated_at` (record: `created_at` to",
         "`updated_at`). A's jobs/s in B's window counts A's records whose `updated_at` falls",
         "in it, over the part of it before A's last job was final; overall, from A's first",
-        "submission to its last job final. Goodput = every job final per second / the",
-        "regions' limit, over the whole run and over all of B's window.",
+        "submission to its last job final. Total jobs/s while A has work = every key's jobs",
+        "final by A's last one, over that time (B's jobs sent after A's backlog is gone",
+        "would otherwise count idle capacity as lost); goodput = every job final per second",
+        "over the bound (the regions' limit; in mode 3 the emulators' ceiling, lower), over",
+        "the whole run and over all of B's window.",
         "",
-        "| variant | A jobs | B jobs | B latency p50 / p99 / max s | B record p50 / p99 s "
+        "| mode | variant | A jobs | B jobs | B latency p50 / p99 / max s | B record p50 / p99 s "
         "| B vs alone (p99) | B's calls answered 429 | A jobs/s in B's window / overall "
-        "| goodput overall / in window | POST 429s A / B | lost A / B | CPU s used |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| total jobs/s while A has work (vs A alone) | goodput overall / in window "
+        "| POST 429s A / B | lost | CPU s used |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    alone = results.neighbour_run("alone")
     for run in results.neighbour:
+        alone = results.neighbour_run("alone", run.mode)
+        a_alone = results.neighbour_run("A alone", run.mode)
+        trickle = run.b_jobs > 0
         ratio = (
             f"{run.b_latency_p99_s / alone.b_latency_p99_s:.2f}x"
-            if alone is not None and alone.b_latency_p99_s > 0
+            if trickle and alone is not None and alone.b_latency_p99_s > 0
             else "-"
         )
         flood = run.a_jobs > 0
-        a_rate = f"{run.a_in_window_per_s:,.1f} / {run.a_overall_per_s:,.1f}" if flood else "-"
+        a_rate = "-"
+        if flood:
+            in_window = f"{run.a_in_window_per_s:,.1f}" if trickle else "-"
+            a_rate = f"{in_window} / {run.a_overall_per_s:,.1f}"
+        busy = f"{run.busy_per_s:,.1f}" if flood else "-"
+        if flood and a_alone is not None and a_alone.busy_per_s > 0 and not run.c_jobs:
+            busy += f" ({run.busy_per_s / a_alone.busy_per_s:.3f}x)"
         goodput = f"{run.goodput:.2f} / {run.window_goodput:.2f}" if flood else "-"
-        lines.append(
-            f"| {run.label} | {run.a_jobs:,} | {run.b_jobs} "
-            f"| {run.b_latency_p50_s:.2f} / **{run.b_latency_p99_s:.2f}** / "
-            f"{run.b_latency_max_s:.2f} | {run.b_record_p50_s:.2f} / {run.b_record_p99_s:.2f} "
-            f"| {ratio} | {run.b_upstream_429s} | {a_rate} | {goodput} "
-            f"| {run.refused['A']} / {run.refused['B']} | {run.lost['A']} / {run.lost['B']} "
-            f"| {_cpu(run.cpu_s)} |"
+        latency = (
+            f"{run.b_latency_p50_s:.2f} / **{run.b_latency_p99_s:.2f}** / "
+            f"{run.b_latency_max_s:.2f} | {run.b_record_p50_s:.2f} / {run.b_record_p99_s:.2f}"
+            if trickle
+            else "- | -"
         )
+        a_jobs = f"{run.a_jobs:,}" + (f" + C {run.c_jobs:,}" if run.c_jobs else "")
+        lines.append(
+            f"| {MODE_NAMES[run.mode]} | {run.label} | {a_jobs} | {run.b_jobs} | {latency} "
+            f"| {ratio} | {run.b_upstream_429s if trickle else '-'} | {a_rate} | {busy} "
+            f"| {goodput} | {run.refused['A']} / {run.refused['B']} "
+            f"| {sum(run.lost.values())} | {_cpu(run.cpu_s)} |"
+        )
+    weights = results.neighbour_run("weights")
+    if weights is not None and weights.backlogged_finals:
+        lines += [
+            "",
+            "Weights 3:1: each key's jobs final while both had work (from the first",
+            "submission to the first of the two keys' last job final); over a whole run in",
+            "which both finish, the shares are only the submission counts.",
+            "",
+            "| key | policy | jobs | final while both had work | share |",
+            "|---|---|---|---|---|",
+        ]
+        both = sum(weights.backlogged_finals.values())
+        for key, policy, jobs in (
+            ("A", "priority=batch weight=3", weights.a_jobs),
+            ("C", "priority=batch weight=1", weights.c_jobs),
+        ):
+            done = weights.backlogged_finals[key]
+            lines.append(
+                f"| {key} | `{policy}` | {jobs:,} | {done:,} in {weights.backlogged_s:.0f} s "
+                f"| {done / both:.1%} |"
+            )
     lines += [
         "",
         "Upstream calls by status (the stand-in's log) and A's submission time:",
         "",
-        "| variant | calls by status | A's submissions took s |",
-        "|---|---|---|",
+        "| mode | variant | calls by status | A's submissions took s |",
+        "|---|---|---|---|",
     ]
     for run in results.neighbour:
         submit = f"{run.a_submit_s:.1f}" if run.a_jobs else "-"
-        lines.append(f"| {run.label} | {run.calls_by_status} | {submit} |")
+        lines.append(f"| {MODE_NAMES[run.mode]} | {run.label} | {run.calls_by_status} | {submit} |")
     rows = neighbour_targets(results)
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for target, measured, met in rows:

@@ -216,18 +216,21 @@ def scale_stack(
     workers: int,
     ingresses: int = 2,
     max_window: int = 1000,
+    interactive_topic: bool = False,
     **overrides: str,
 ) -> Iterator[BenchStack]:
     """Mode 3 with `ingresses` ingresses and `workers` workers fed by the push relay.
 
     The relay pulls from a pull subscription of the emulator and pushes as Pub/Sub push
     would (many at once, spread over the workers), with a 1 s to 10 s retry backoff.
+    With `interactive_topic`, INTERACTIVE_TOPIC is set too and its subscription gets a
+    relay of its own to the same workers (as deploy.sh gives it a push subscription).
     """
     firestore, pubsub = emulators
     suffix = uuid.uuid4().hex[:10]
     standin = start_standin(log_dir, capacity.standin_config())
     started: list[ServiceProcess] = [standin]
-    relay: subprocess.Popen[bytes] | None = None
+    relays: list[subprocess.Popen[bytes]] = []
     try:
         env = service_env(standin, capacity.regions, **overrides)
         env.update(firestore.env())
@@ -237,29 +240,35 @@ def scale_stack(
             FIRESTORE_DATABASE="(default)",
             PUBSUB_TOPIC=f"scale-{suffix}",
         )
-        subscription = create_pull_subscription(pubsub, topic=env["PUBSUB_TOPIC"])
+        if interactive_topic:
+            env["INTERACTIVE_TOPIC"] = f"scale-{suffix}-interactive"
+        topics = [env["PUBSUB_TOPIC"], *filter(None, [env.get("INTERACTIVE_TOPIC")])]
+        subscriptions = [create_pull_subscription(pubsub, topic=topic) for topic in topics]
         pool = [ServiceProcess.start("worker", env, log_dir=log_dir) for _ in range(workers)]
         started += pool
-        relay = spawn_logged(
-            [
-                sys.executable,
-                "-m",
-                "dispatcher_devtools.push_relay",
-                "--subscription",
-                subscription,
-                *itertools.chain.from_iterable(("--worker", f"{w.url}/") for w in pool),
-                "--min-backoff-s",
-                "1",
-                "--max-backoff-s",
-                "10",
-                "--max-window",
-                str(max_window),
-                "--log-level",
-                "WARNING",
-            ],
-            env=base_child_env(pubsub.env()),
-            log_path=log_dir / f"push-relay-{suffix}.log",
-        )
+        for index, subscription in enumerate(subscriptions):
+            relays.append(
+                spawn_logged(
+                    [
+                        sys.executable,
+                        "-m",
+                        "dispatcher_devtools.push_relay",
+                        "--subscription",
+                        subscription,
+                        *itertools.chain.from_iterable(("--worker", f"{w.url}/") for w in pool),
+                        "--min-backoff-s",
+                        "1",
+                        "--max-backoff-s",
+                        "10",
+                        "--max-window",
+                        str(max_window),
+                        "--log-level",
+                        "WARNING",
+                    ],
+                    env=base_child_env(pubsub.env()),
+                    log_path=log_dir / f"push-relay-{suffix}-{index}.log",
+                )
+            )
         fronts = [ServiceProcess.start("ingress", env, log_dir=log_dir) for _ in range(ingresses)]
         started += fronts
         yield BenchStack(
@@ -272,7 +281,7 @@ def scale_stack(
             env=env,
         )
     finally:
-        if relay is not None:
+        for relay in relays:
             stop_process_group(relay, timeout=10)
         for process in started:
             process.terminate(timeout=10)
